@@ -1,0 +1,446 @@
+"""``secshadow-proxy``: the command line consoles drive (contract: ``docs/cli.md``).
+
+Human-readable progress goes to standard error; with ``--json`` one JSON event per
+line goes to standard output. The exit status is the contract's (0 ended normally,
+2 usage, 3 ums, 4 device-unreachable, 5 tls-handshake, 6 pin-mismatch,
+7 device-rejected, 8 viewer, 1 internal). This is the only module that touches the
+global reactor, through :func:`twisted.internet.task.react`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import traceback
+from typing import IO, Any, NoReturn, Sequence
+
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    globalLogBeginner,
+)
+from zope.interface import provider
+
+from secshadow import events
+from secshadow.errors import SecretError, SecShadowError, UsageError, ViewerError
+from secshadow.pinning import TLSProfile
+from secshadow.procy import TERMINATORS, terminator_bytes
+from secshadow.proxy import SessionOptions, ShadowSession, ViewerHandle
+from secshadow.secret import ShadowSecret, load_secret, parse_host
+from secshadow.viewers import (
+    VIEWERS,
+    launch,
+    resolve_viewer,
+    template_argv,
+    validate_template,
+    viewer_argv,
+)
+
+PROG = "secshadow-proxy"
+DEFAULT_DEVICE_PORT = 5900
+UMS_PASSWORD_ENV = "SECSHADOW_UMS_PASSWORD"  # noqa: S105 - a variable name
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _positive(name: str, allow_zero: bool = False) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number of seconds") from None
+        if value < 0 or (value == 0 and not allow_zero) or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(
+                f"{name} must be {'zero or ' if allow_zero else ''}a positive number of seconds")
+        return value
+    return parse
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("--device-port must be a number from 1 to 65535") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError("--device-port must be a number from 1 to 65535")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog=PROG,
+        description="Secure VNC shadowing of a managed thin client: fetch its shadow secret, open a "
+                    "pinned TLS tunnel, send PROCYCMD, and give a VNC viewer a local port.",
+        epilog="Exit codes: 0 ok, 1 internal, 2 usage, 3 ums, 4 device-unreachable, 5 tls-handshake, "
+               "6 pin-mismatch, 7 device-rejected, 8 viewer. See docs/cli.md.",
+    )
+    src = parser.add_argument_group("where the shadow secret comes from (one of)")
+    src.add_argument("--ums", metavar="URL", help="IMI server base URL, e.g. https://ums.example:8443")
+    src.add_argument("--device", metavar="ID", help="the thin client's IMI id (with --ums)")
+    src.add_argument("--ums-user", metavar="NAME", help="IMI user")
+    src.add_argument("--ums-password-file", metavar="FILE",
+                     help=f"file holding the IMI password (else ${UMS_PASSWORD_ENV}); never on argv")
+    trust = src.add_mutually_exclusive_group()
+    trust.add_argument("--ums-ca", metavar="FILE", help="CA or certificate PEM that signs the UMS web certificate")
+    trust.add_argument("--ums-fingerprint", metavar="HEX", help="SHA-256 fingerprint of the UMS web certificate")
+    trust.add_argument("--ums-insecure", action="store_true",
+                       help="do not verify the UMS certificate (dangerous; warned about)")
+    src.add_argument("--secret-file", metavar="FILE",
+                     help="read the secret as JSON from FILE, or standard input for '-'")
+
+    dev = parser.add_argument_group("the device and the tunnel")
+    dev.add_argument("--device-host", metavar="HOST", help="device address (default: lastIP/host from the secret)")
+    dev.add_argument("--device-port", metavar="PORT", type=_port, help="device TLS port (default 5900)")
+    dev.add_argument("--tls-profile", choices=[p.value for p in TLSProfile], default="modern")
+    dev.add_argument("--procy-terminator", choices=list(TERMINATORS), default="none")
+    dev.add_argument("--listen", metavar="ENDPOINT", default="tcp:0:interface=127.0.0.1",
+                     help="Twisted server endpoint for the viewer's side (default: loopback, any free port)")
+    dev.add_argument("--connect-timeout", metavar="S", type=_positive("--connect-timeout"), default=15.0)
+    dev.add_argument("--viewer-timeout", metavar="S", type=_positive("--viewer-timeout"), default=60.0)
+    dev.add_argument("--hello-timeout", metavar="S", type=_positive("--hello-timeout"), default=60.0)
+    dev.add_argument("--idle-timeout", metavar="S", type=_positive("--idle-timeout", allow_zero=True),
+                     default=0.0)
+
+    view = parser.add_argument_group("the viewer")
+    view.add_argument("--viewer", metavar="NAME", default="auto",
+                      help=f"auto, none, or one of: {', '.join(VIEWERS)}")
+    view.add_argument("--viewer-command", metavar="TEMPLATE",
+                      help="custom viewer command with {host} {port} {display} {title}")
+    view.add_argument("--view-only", action="store_true", help="ask the viewer for view-only mode")
+    view.add_argument("--snapshot", metavar="FILE",
+                      help="instead of a viewer, save one full frame through the tunnel as PNG and exit")
+    view.add_argument("--json", action="store_true", help="JSON events on standard output, one per line")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug messages on standard error")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on standard error")
+    return parser
+
+
+class Output:
+    """Where events and messages go: JSON on stdout (``--json``), words on stderr."""
+
+    def __init__(self, json_events: bool, stdout: IO[str], stderr: IO[str], quiet: bool = False) -> None:
+        self.json_events = json_events
+        self.stdout = stdout
+        self.stderr = stderr
+        self.quiet = quiet
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            self.stderr.write(f"{PROG}: {text}\n")
+            self.stderr.flush()
+
+    def warn(self, text: str) -> None:
+        self.stderr.write(f"{PROG}: warning: {text}\n")
+        self.stderr.flush()
+
+    def event(self, event: events.Event) -> None:
+        if self.json_events:
+            self.stdout.write(json.dumps(event.as_dict(), sort_keys=False) + "\n")
+            self.stdout.flush()
+        text = describe(event)
+        if isinstance(event, events.Error):
+            self.stderr.write(f"{PROG}: error: {text}\n")
+            self.stderr.flush()
+        elif isinstance(event, events.WarningEvent):
+            self.warn(text)
+        elif text:
+            self.say(text)
+
+
+def describe(event: events.Event) -> str:
+    """One human sentence per event."""
+    match event:
+        case events.SecretLoaded():
+            return (f"shadow secret from {event.source}: device {event.device_host}:{event.device_port}, "
+                    f"certificate SHA-256 {event.certificate_sha256}")
+        case events.Pinned():
+            return f"TLS to the device is up and pinned ({event.tls_version}, {event.cipher})"
+        case events.Listening():
+            return f"viewer port open on {event.host}:{event.port}"
+        case events.ViewerStarted():
+            return f"started viewer {event.viewer} (pid {event.pid})"
+        case events.ViewerConnected():
+            return f"viewer connected from {event.peer}; sending PROCYCMD"
+        case events.SessionStarted():
+            return f"the device accepted the password ({event.rfb_version}); relaying"
+        case events.Closed():
+            return (f"session closed: {event.reason} ({event.bytes_to_viewer} bytes to the viewer, "
+                    f"{event.bytes_to_device} to the device, {event.duration_s:.1f} s)")
+        case events.Error():
+            return event.message
+        case events.WarningEvent():
+            return event.message
+    return ""
+
+
+def _start_logging(output: Output, verbose: bool) -> None:
+    """Library log lines go to stderr: ours at info (debug with -v), Twisted's at warn."""
+
+    @provider(ILogObserver)
+    def observer(event: dict[str, Any]) -> None:
+        namespace = event.get("log_namespace", "")
+        level = event.get("log_level", LogLevel.info)
+        ours = namespace.startswith("secshadow")
+        if not ours and level < LogLevel.warn:
+            return
+        if output.quiet and level < LogLevel.warn:
+            return
+        text = formatEvent(event)
+        if event.get("log_failure") is not None and verbose:
+            text += "\n" + event["log_failure"].getTraceback()
+        output.stderr.write(f"{PROG}: {text}\n")
+        output.stderr.flush()
+
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.debug if verbose else LogLevel.info)
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, [predicate])],
+                                     redirectStandardIO=False, discardBuffer=True)
+
+
+def _read_ums_password(args: argparse.Namespace) -> str:
+    if args.ums_password_file:
+        try:
+            with open(args.ums_password_file, encoding="utf-8") as f:
+                password = f.read().rstrip("\r\n")
+        except OSError as e:
+            raise UsageError(f"cannot read --ums-password-file: {e.strerror}") from None
+    else:
+        password = os.environ.get(UMS_PASSWORD_ENV, "")
+    if not password:
+        raise UsageError(f"no UMS password: use --ums-password-file FILE or set ${UMS_PASSWORD_ENV}")
+    return password
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    from_ums = args.ums is not None or args.device is not None
+    if from_ums and args.secret_file is not None:
+        raise UsageError("give either --ums/--device or --secret-file, not both")
+    if not from_ums and args.secret_file is None:
+        raise UsageError("no shadow secret: give --ums URL --device ID, or --secret-file FILE")
+    if from_ums:
+        if not args.ums or not args.device:
+            raise UsageError("--ums and --device go together")
+        if not args.ums_user:
+            raise UsageError("--ums needs --ums-user")
+        if not (args.ums_ca or args.ums_fingerprint or args.ums_insecure):
+            raise UsageError("say how to trust the UMS web certificate: --ums-ca FILE, "
+                             "--ums-fingerprint HEX, or (dangerous) --ums-insecure")
+    elif args.ums_user or args.ums_ca or args.ums_fingerprint or args.ums_insecure or args.ums_password_file:
+        raise UsageError("--ums-user/--ums-ca/--ums-fingerprint/--ums-insecure/--ums-password-file need --ums")
+    explicit_viewer = args.viewer != "auto"
+    if sum((bool(args.snapshot), bool(args.viewer_command), explicit_viewer)) > 1:
+        raise UsageError("choose one of --viewer NAME, --viewer-command TEMPLATE or --snapshot FILE")
+    if args.viewer_command:
+        validate_template(args.viewer_command)
+    if args.device_host is not None:
+        parse_host(args.device_host, "--device-host")
+
+
+async def _load_secret(reactor: Any, args: argparse.Namespace, output: Output,
+                       stdin: IO[bytes]) -> tuple[ShadowSecret, str]:
+    if args.secret_file is not None:
+        if args.secret_file == "-":  # noqa: S105 - standard input
+            data = stdin.read(1024 * 1024 + 1)
+        else:
+            try:
+                with open(args.secret_file, "rb") as f:
+                    data = f.read(1024 * 1024 + 1)
+            except OSError as e:
+                raise UsageError(f"cannot read --secret-file: {e.strerror}") from None
+        if len(data) > 1024 * 1024:
+            raise SecretError("the shadow secret is larger than 1 MiB")
+        return load_secret(data), "file"
+
+    from secshadow.imi import fetch_shadow_secret
+    from secshadow.umstrust import UMSTrust
+
+    password = _read_ums_password(args)
+    if args.ums_insecure:
+        trust = UMSTrust.insecure()
+        output.event(events.WarningEvent(
+            message="--ums-insecure: the UMS certificate is NOT verified; anyone on the path can read "
+                    "the device password and substitute the device certificate"))
+    elif args.ums_fingerprint:
+        trust = UMSTrust.from_fingerprint(args.ums_fingerprint)
+    else:
+        trust = UMSTrust.from_ca_file(args.ums_ca)
+    output.say(f"fetching the shadow secret of device {args.device} from {args.ums}")
+    secret = await fetch_shadow_secret(reactor, args.ums, args.device, args.ums_user, password, trust)
+    return secret, "ums"
+
+
+class SnapshotViewer:
+    """A "viewer" that is an in-process RFB client saving one frame as PNG."""
+
+    name = "snapshot"
+    pid: int | None = None
+
+    def __init__(self, reactor: Any, host: str, port: int, path: str, timeout: float) -> None:
+        from secshadow.snapshot import take_snapshot
+
+        self.error: BaseException | None = None
+        self.size: tuple[int, int] | None = None
+        self._waiters: list[Deferred[int | None]] = []
+        self._status: int | None = None
+        self._ended = False
+        self._running = take_snapshot(reactor, host, port, path, timeout=timeout)
+        self._running.addCallbacks(self._ok, self._failed)
+
+    def _ok(self, size: tuple[int, int]) -> None:
+        self.size = size
+        self._end(0)
+
+    def _failed(self, failure: Any) -> None:
+        self.error = failure.value
+        self._end(1)
+
+    def _end(self, status: int) -> None:
+        self._ended, self._status = True, status
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(status)
+
+    def wait(self) -> Deferred[int | None]:
+        if self._ended:
+            return succeed(self._status)
+        waiter: Deferred[int | None] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def terminate(self, grace: float = 0) -> Deferred[None]:
+        if not self._ended:
+            self._running.cancel()
+        return self.wait().addCallback(lambda _: None)
+
+
+def _make_launcher(reactor: Any, args: argparse.Namespace, holder: dict[str, Any]) -> Any:
+    if args.snapshot:
+        def snapshot(host: str, port: int) -> ViewerHandle:
+            viewer = SnapshotViewer(reactor, host, port, args.snapshot, timeout=args.hello_timeout + 30)
+            holder["snapshot"] = viewer
+            return viewer
+        return snapshot
+    if args.viewer_command:
+        def custom(host: str, port: int) -> ViewerHandle:
+            return launch(reactor, "custom", template_argv(args.viewer_command, host, port))
+        return custom
+    if args.viewer == "none":
+        return None
+    spec = resolve_viewer(args.viewer)
+
+    def known(host: str, port: int) -> ViewerHandle:
+        return launch(reactor, spec.name, viewer_argv(spec, host, port, view_only=args.view_only))
+    return known
+
+
+async def run(reactor: Any, argv: Sequence[str], stdin: IO[bytes], stdout: IO[str], stderr: IO[str],
+              install_signals: bool = True, start_logging: bool = True) -> int:
+    """The whole command; returns the exit status. Never raises."""
+    output = Output("--json" in argv, stdout, stderr)
+    try:
+        args = build_parser().parse_args(list(argv))
+        output = Output(args.json, stdout, stderr, quiet=args.quiet)
+        if start_logging:
+            _start_logging(output, args.verbose)
+        _check_arguments(args)
+        return await _run_checked(reactor, args, output, stdin, install_signals)
+    except SecShadowError as e:
+        output.event(events.Error(code=e.code, message=e.message))
+        return e.exit_code
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except Exception as e:  # noqa: BLE001 - the contract's exit 1, with a hint where to look
+        output.event(events.Error(code="internal", message=f"internal error: {type(e).__name__}: {e}"))
+        if os.environ.get("SECSHADOW_DEBUG"):
+            traceback.print_exc(file=stderr)
+        return 1
+
+
+async def _run_checked(reactor: Any, args: argparse.Namespace, output: Output, stdin: IO[bytes],
+                       install_signals: bool) -> int:
+    stopping: dict[str, Any] = {"reason": None, "session": None, "loading": None}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        reason = f"interrupted by {signal.Signals(signum).name}"
+        reactor.callFromThread(stop, reason)
+
+    def stop(reason: str) -> None:
+        stopping["reason"] = reason
+        if stopping["session"] is not None:
+            stopping["session"].stop(reason)
+        elif stopping["loading"] is not None:
+            stopping["loading"].cancel()
+
+    if install_signals:
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+
+    loading = ensureDeferred(_load_secret(reactor, args, output, stdin))
+    stopping["loading"] = loading
+    try:
+        secret, source = await loading
+    except CancelledError:
+        output.event(events.Closed(reason=stopping["reason"] or "cancelled"))
+        return 0
+    stopping["loading"] = None
+
+    host = args.device_host or secret.host
+    if not host:
+        raise UsageError("the secret names no device address (no lastIP/host): pass --device-host")
+    port = args.device_port or secret.port or DEFAULT_DEVICE_PORT
+    output.event(events.SecretLoaded(source=source, device_host=host, device_port=port,
+                                     certificate_sha256=secret.certificate_sha256))
+    options = SessionOptions(
+        device_host=host, device_port=port, tls_profile=TLSProfile.parse(args.tls_profile),
+        terminator=terminator_bytes(args.procy_terminator), listen=args.listen,
+        connect_timeout=args.connect_timeout, viewer_timeout=args.viewer_timeout,
+        hello_timeout=args.hello_timeout, idle_timeout=args.idle_timeout,
+    )
+    holder: dict[str, Any] = {}
+    launcher = _make_launcher(reactor, args, holder)
+    if args.viewer == "none" and not args.snapshot and not args.viewer_command:
+        output.say("--viewer none: connect your viewer to the port in the 'listening' event")
+    session = ShadowSession(reactor, secret, options, on_event=output.event, launch_viewer=launcher)
+    stopping["session"] = session
+    if stopping["reason"]:
+        session.stop(stopping["reason"])
+    await session.start()
+    snapshot: SnapshotViewer | None = holder.get("snapshot")
+    if snapshot is not None and stopping["reason"] is None:
+        if snapshot.error is not None:
+            raise ViewerError(f"--snapshot failed: {snapshot.error}")
+        if snapshot.size is None:
+            raise ViewerError("--snapshot: the session ended before a full frame arrived")
+        output.say(f"saved a {snapshot.size[0]}x{snapshot.size[1]} snapshot to {args.snapshot}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Console-script entry point."""
+    from twisted.internet import task
+
+    arguments = sys.argv[1:] if argv is None else list(argv)
+
+    def go(reactor: Any) -> Deferred[int]:
+        return ensureDeferred(run(reactor, arguments, sys.stdin.buffer, sys.stdout, sys.stderr))
+
+    def react_main(reactor: Any) -> Deferred[None]:
+        def exit_with(code: int) -> None:
+            raise SystemExit(code)
+        return go(reactor).addCallback(exit_with)
+
+    task.react(react_main)
+    raise SystemExit(1)  # pragma: no cover - react() always exits
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Pinned TLS to the device: accept exactly one certificate, byte for byte.
+
+Source: ``docs/protocol.md`` section 3 (TLS facts measured with OpenSSL 4.0,
+pyOpenSSL 26, Twisted 26). The rules this module keeps:
+
+- the decision rests on DER equality of the leaf (depth 0) with the pinned
+  certificate, compared in constant time; OpenSSL's own verdict (self-signed,
+  expired, weak key, no name) is irrelevant and ignored;
+- a mismatch fails the handshake inside OpenSSL's verify callback, so the device
+  side never completes TLS and never receives an application byte;
+- because the callback is not called at all for anonymous suites or resumed
+  sessions, there are none: ``DEFAULT``-based ciphers without aNULL/eNULL, a fresh
+  context per connection, no tickets, no session cache, no renegotiation; and
+  :func:`check_peer` re-checks the peer certificate after the handshake and again
+  right before the password is written;
+- no SNI: the device has no name.
+
+Twisted's ``optionsForClientTLS``/``CertificateOptions`` are not used: they drop
+``@SECLEVEL`` and insist on names and dates (``docs/protocol.md`` section 3).
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+from dataclasses import dataclass, field
+
+from OpenSSL import SSL, crypto
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+
+from secshadow.errors import PinMismatch, TLSHandshakeError, UsageError
+from secshadow.secret import certificate_fingerprint
+
+
+class TLSProfile(enum.Enum):
+    """TLS profiles for the device connection (``--tls-profile``).
+
+    ``MODERN``: TLS 1.2 and 1.3, OpenSSL's default security level.
+    ``LEGACY``: TLS 1.0 to 1.2 at security level 0, servers without RFC 5746 secure
+    renegotiation allowed; for old firmware, only when asked for, per device.
+    Pinning is identical in both.
+    """
+
+    MODERN = "modern"
+    LEGACY = "legacy"
+
+    @classmethod
+    def parse(cls, name: str) -> TLSProfile:
+        """``"modern"``/``"legacy"`` to a profile; raises :class:`UsageError` otherwise."""
+        try:
+            return cls(name)
+        except ValueError:
+            raise UsageError(
+                f"unknown TLS profile {name!r}; choose 'modern' or 'legacy'"
+            ) from None
+
+
+@dataclass(frozen=True)
+class _ProfileSettings:
+    min_version: int
+    max_version: int
+    ciphers: bytes
+    extra_options: int = 0
+
+
+# Both cipher strings start from DEFAULT and strike anonymous and null suites
+# explicitly: an anonymous suite would complete a handshake with no certificate
+# and the verify callback would never run.
+_SETTINGS: dict[TLSProfile, _ProfileSettings] = {
+    TLSProfile.MODERN: _ProfileSettings(
+        min_version=SSL.TLS1_2_VERSION,
+        max_version=SSL.TLS1_3_VERSION,
+        ciphers=b"DEFAULT:!aNULL:!eNULL",
+    ),
+    TLSProfile.LEGACY: _ProfileSettings(
+        min_version=SSL.TLS1_VERSION,
+        # Capped at 1.2: a 1.3-capable ClientHello is ~1.5 KB and trips old stacks.
+        max_version=SSL.TLS1_2_VERSION,
+        ciphers=b"DEFAULT:!aNULL:!eNULL:@SECLEVEL=0",
+        extra_options=SSL.OP_LEGACY_SERVER_CONNECT,
+    ),
+}
+
+_ALWAYS_OPTIONS = (
+    SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION
+)
+
+
+@dataclass
+class PinCheck:
+    """What the verify callback saw on one connection attempt.
+
+    ``presented_sha256``: fingerprint of the leaf the device presented (or ``None``
+    when it presented none); ``matched``: whether it equals the pin.
+    """
+
+    pinned_der: bytes
+    presented_sha256: str | None = None
+    matched: bool | None = None
+    depths_seen: list[int] = field(default_factory=list)
+
+
+def build_context(profile: TLSProfile) -> SSL.Context:
+    """A fresh client context for ``profile`` (no verification set yet)."""
+    settings = _SETTINGS[profile]
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_min_proto_version(settings.min_version)
+    context.set_max_proto_version(settings.max_version)
+    context.set_cipher_list(settings.ciphers)
+    context.set_options(_ALWAYS_OPTIONS | settings.extra_options)
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    return context
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class PinnedConnectionCreator:
+    """Twisted connection creator that pins the device certificate.
+
+    ``pinned_der``: DER bytes of the one certificate to accept.
+    ``profile``: :class:`TLSProfile`.
+    One creator serves one connection attempt; its :attr:`check` records what the
+    device presented, so a failed handshake can be reported as a pin mismatch
+    (exit 6) rather than a TLS failure (exit 5).
+    """
+
+    def __init__(self, pinned_der: bytes, profile: TLSProfile = TLSProfile.MODERN) -> None:
+        if not pinned_der:
+            raise PinMismatch("no certificate to pin: refusing to connect without a pin")
+        self.profile = profile
+        self.check = PinCheck(pinned_der=pinned_der)
+
+    def _verify(
+        self, connection: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
+    ) -> bool:
+        # OpenSSL's errno/ok (self-signed, expired, key too weak) are deliberately
+        # ignored: the pin is the whole decision, and it is taken at the leaf only.
+        self.check.depths_seen.append(depth)
+        if depth != 0:
+            return True
+        der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+        self.check.presented_sha256 = certificate_fingerprint(der)
+        self.check.matched = hmac.compare_digest(der, self.check.pinned_der)
+        return self.check.matched
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        context = build_context(self.profile)
+        context.set_verify(SSL.VERIFY_PEER, self._verify)
+        connection = SSL.Connection(context, None)
+        connection.set_app_data(tlsProtocol)
+        connection.set_connect_state()
+        return connection
+
+
+def check_peer(connection: SSL.Connection, pinned_der: bytes) -> None:
+    """Re-check the pin on an established connection; call before writing the password.
+
+    Raises :class:`PinMismatch` when the peer presented no certificate or another one.
+    """
+    cert = connection.get_peer_certificate()
+    if cert is None:
+        raise PinMismatch("the device presented no certificate; the connection is not pinned")
+    der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+    if not hmac.compare_digest(der, pinned_der):
+        raise PinMismatch(
+            "the device's certificate changed after the handshake "
+            f"(presented {certificate_fingerprint(der)}, pinned {certificate_fingerprint(pinned_der)})"
+        )
+
+
+def pin_mismatch_error(check: PinCheck) -> PinMismatch:
+    """The error for a handshake the pin refused (exit 6)."""
+    return PinMismatch(
+        "the device presented a certificate that is not the pinned one "
+        f"(presented SHA-256 {check.presented_sha256}, pinned {certificate_fingerprint(check.pinned_der)}); "
+        "not one byte was sent to it. If the device was re-imaged, its certificate changed: "
+        "send settings to it or reboot it so the UMS learns the new one"
+    )
+
+
+def _openssl_reasons(failure: Failure) -> list[str]:
+    """Flatten pyOpenSSL's ``[(lib, func, reason), ...]`` error list into reason strings."""
+    value = failure.value
+    reasons: list[str] = []
+    for arg in getattr(value, "args", ()):
+        if isinstance(arg, list):
+            for item in arg:
+                if isinstance(item, tuple) and item:
+                    reasons.append(str(item[-1]))
+    if not reasons:
+        reasons.append(str(value))
+    return reasons
+
+
+def describe_handshake_failure(failure: Failure, profile: TLSProfile) -> TLSHandshakeError:
+    """Turn an OpenSSL handshake failure into a plain-words :class:`TLSHandshakeError`.
+
+    The message says what happened and, under the modern profile, whether
+    ``--tls-profile legacy`` may help.
+    """
+    reasons = _openssl_reasons(failure)
+    text = "; ".join(reasons)
+    low = text.lower()
+    legacy_hint = (
+        " The device may run old firmware: try --tls-profile legacy for this device."
+        if profile is TLSProfile.MODERN
+        else ""
+    )
+    if "unsupported protocol" in low or "wrong version number" in low or "protocol version" in low:
+        what = "the device offers no TLS version this profile accepts"
+        if profile is TLSProfile.MODERN:
+            what += " (modern needs TLS 1.2 or 1.3; it likely only speaks TLS 1.0 or 1.1)"
+        return TLSHandshakeError(f"TLS handshake with the device failed: {what} [{text}].{legacy_hint}")
+    if "no cipher" in low or "no shared cipher" in low or "handshake failure" in low or "sslv3 alert" in low:
+        return TLSHandshakeError(
+            "TLS handshake with the device failed: no cipher suite in common "
+            f"(the device may offer only old or anonymous suites) [{text}].{legacy_hint}"
+        )
+    if "unexpected eof" in low or "connection lost" in low or "connection was closed" in low:
+        return TLSHandshakeError(
+            f"the device closed the connection during the TLS handshake [{text}].{legacy_hint}"
+        )
+    return TLSHandshakeError(f"TLS handshake with the device failed [{text}].{legacy_hint}")
+
+
+def negotiated(connection: SSL.Connection) -> tuple[str, str]:
+    """(protocol version name, cipher name) of an established connection."""
+    return (
+        connection.get_protocol_version_name() or "unknown",
+        connection.get_cipher_name() or "unknown",
+    )

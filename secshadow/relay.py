@@ -1,0 +1,103 @@
+"""Two connected transports spliced together, with backpressure both ways.
+
+This is Twisted's ``twisted.protocols.portforward`` pattern: each transport is
+registered as the streaming producer of the other, so when one side's write
+buffer fills (its reader is slow), the other side stops reading from its socket.
+Memory stays bounded by the transports' own buffers whatever the rates.
+
+The protocols on both sides call :meth:`Splice.deliver` from ``dataReceived`` and
+:meth:`Splice.lost` from ``connectionLost``; they keep their own state machines
+(the proxy's handshake, the emulator's password check) and hand over to the
+splice once the stream is plain RFB.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet.interfaces import IPushProducer, IReactorTime, ITransport
+
+
+def push_producer_of(transport: ITransport) -> IPushProducer:
+    """The object that stops ``transport`` from reading when paused.
+
+    A TCP transport is its own push producer. A TLS transport
+    (``TLSMemoryBIOProtocol``) is not: pausing the TCP transport under it stops the
+    ciphertext, and with it the plaintext.
+    """
+    if IPushProducer.providedBy(transport):
+        return transport  # type: ignore[return-value]
+    inner = getattr(transport, "transport", None)
+    if inner is not None and IPushProducer.providedBy(inner):
+        return inner  # type: ignore[no-any-return]
+    raise TypeError(f"{transport!r} is not a push producer and wraps none")
+
+
+class Splice:
+    """Relays bytes between ``left`` and ``right``, counting them.
+
+    ``left`` / ``right``: connected transports that are also push producers (TCP and
+    TLS transports are). ``clock``: for :attr:`last_activity` (seconds, reactor time).
+    ``on_closed``: called once, with the side name that closed first (``"left"`` or
+    ``"right"``), after the other side was told to close.
+    """
+
+    def __init__(
+        self,
+        left: ITransport,
+        right: ITransport,
+        clock: IReactorTime,
+        on_closed: Callable[[str], None] | None = None,
+    ) -> None:
+        self._transports = {"left": left, "right": right}
+        self._clock = clock
+        self._on_closed = on_closed
+        self.bytes_left_to_right = 0
+        self.bytes_right_to_left = 0
+        self.last_activity = clock.seconds()
+        self.closed_by: str | None = None
+        self._started = False
+
+    def start(self) -> None:
+        """Cross-register the producers and let both sides read."""
+        left, right = self._transports["left"], self._transports["right"]
+        # A consumer's producer is the *other* side: when right's buffer is full,
+        # Twisted pauses left, which then stops reading its socket, and vice versa.
+        right.registerProducer(push_producer_of(left), True)  # type: ignore[attr-defined]
+        left.registerProducer(push_producer_of(right), True)  # type: ignore[attr-defined]
+        self._started = True
+        for transport in (left, right):
+            push_producer_of(transport).resumeProducing()
+
+    def deliver(self, side: str, data: bytes) -> None:
+        """Forward ``data`` received on ``side`` to the other side."""
+        if self.closed_by is not None:
+            return
+        if side == "left":
+            self.bytes_left_to_right += len(data)
+            self._transports["right"].write(data)
+        else:
+            self.bytes_right_to_left += len(data)
+            self._transports["left"].write(data)
+        self.last_activity = self._clock.seconds()
+
+    def lost(self, side: str) -> None:
+        """``side`` lost its connection: close the other side (once)."""
+        if self.closed_by is not None:
+            return
+        self.closed_by = side
+        other = self._transports["right" if side == "left" else "left"]
+        if self._started:
+            for transport in self._transports.values():
+                try:
+                    transport.unregisterProducer()  # type: ignore[attr-defined]
+                except (AttributeError, RuntimeError):
+                    pass
+        other.loseConnection()
+        if self._on_closed is not None:
+            self._on_closed(side)
+
+    def close(self) -> None:
+        """Close both sides now (timeouts, signals)."""
+        for transport in self._transports.values():
+            transport.loseConnection()

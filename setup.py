@@ -1,0 +1,45 @@
+"""secshadow: secure VNC shadowing of managed thin clients (IGEL OS 11 flow)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="secshadow",
+    version="0.1.0",
+    description="Secure VNC shadowing: pinned TLS tunnel, PROCYCMD handshake, local viewer port",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(),
+    include_package_data=True,
+    install_requires=[
+        "Twisted>=24.7",
+        "pyOpenSSL>=24.0",
+        "cryptography>=42",
+        "service-identity>=24.1",
+        # treq: the IMI client's HTTP (cookies, Basic auth, JSON) without our own HTTP code.
+        "treq>=24.9",
+        # vncdotool: an RFB client for --snapshot; Pillow writes the PNG.
+        "vncdotool>=1.2",
+        "Pillow>=10",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "hypothesis>=6.100",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "secshadow-proxy = secshadow.cli:main",
+            "secshadow-device = secshadow.device.cli:main",
+            "secshadow-ums = secshadow.ums.cli:main",
+        ],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3.11",
+        "Topic :: System :: Networking",
+        "Topic :: Security",
+    ],
+)
