@@ -117,6 +117,8 @@ def parse_certificate(text: str) -> bytes:
         )
     if "-----BEGIN" in cleaned:
         blocks = _PEM_BLOCK.findall(cleaned)
+        if cleaned.count("-----BEGIN") != len(blocks):
+            raise SecretError("the shadow secret's certificate has an incomplete PEM block")
         if not blocks:
             raise SecretError("the shadow secret's certificate has a PEM header but no complete block")
         if len(blocks) > 1:
@@ -145,10 +147,9 @@ def parse_certificate(text: str) -> bytes:
 def _parse_port(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise SecretError("the shadow secret's port must be a number from 1 to 65535")
-    try:
-        port = int(value)
-    except ValueError:
-        raise SecretError("the shadow secret's port must be a number from 1 to 65535") from None
+    if isinstance(value, str) and not re.fullmatch(r"[0-9]{1,5}", value):
+        raise SecretError("the shadow secret's port must be a number from 1 to 65535")
+    port = int(value)
     if not 1 <= port <= 65535:
         raise SecretError("the shadow secret's port must be a number from 1 to 65535")
     return port

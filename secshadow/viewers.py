@@ -170,6 +170,7 @@ class ViewerProcess(ProcessProtocol):
         self.ended = False
         self._waiters: list[Deferred[int | None]] = []
         self._kill_call: IDelayedCall | None = None
+        self.own_group = False
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid  # type: ignore[union-attr]
@@ -181,6 +182,11 @@ class ViewerProcess(ProcessProtocol):
                 log.info("[{viewer}] {line}", viewer=self.name, line=line)
 
     errReceived = outReceived
+
+    def processExited(self, reason: Failure) -> None:
+        # The viewer itself is gone. Close our ends of its pipes now: a child it left
+        # behind may hold them open, and processEnded (our "reaped") waits for them.
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
@@ -216,6 +222,14 @@ class ViewerProcess(ProcessProtocol):
             self.transport.signalProcess(name)  # type: ignore[union-attr]
         except ProcessExitedAlready:
             pass
+        if self.own_group and self.pid is not None:
+            # The viewer leads its own process group (setsid): signal the rest of the
+            # group too, so helpers it forked do not outlive the session. (Right after
+            # launch the group may not exist yet; the direct signal above covers that.)
+            try:
+                os.killpg(self.pid, getattr(signal, f"SIG{name}"))
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def launch(reactor: IReactorProcess, name: str, argv: Sequence[str],
@@ -228,11 +242,20 @@ def launch(reactor: IReactorProcess, name: str, argv: Sequence[str],
         if found is None:
             raise ViewerError(f"cannot start the viewer: {executable!r} not found on the PATH")
         executable = found
+    elif not (os.path.isfile(executable) and os.access(executable, os.X_OK)):
+        raise ViewerError(f"cannot start the viewer: {executable!r} is not an executable file")
+    command = [executable, *argv[1:]]
+    setsid = shutil.which("setsid")
+    if setsid is not None:
+        # setsid(1) makes the viewer a process-group leader and execs it under the same
+        # pid, so terminate() can reach whatever the viewer forks.
+        command = [setsid, *command]
+        process.own_group = True
     try:
-        reactor.spawnProcess(process, executable, list(argv), env=viewer_environment(env))
+        reactor.spawnProcess(process, command[0], command, env=viewer_environment(env))
     except OSError as e:
         raise ViewerError(f"cannot start the viewer {executable!r}: {e.strerror}") from None
-    log.info("started viewer {viewer} (pid {pid}): {argv}", viewer=name, pid=process.pid, argv=" ".join(argv))
+    log.debug("started viewer {viewer} (pid {pid}): {argv}", viewer=name, pid=process.pid, argv=" ".join(argv))
     return process
 
 
