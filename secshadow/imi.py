@@ -1,0 +1,485 @@
+"""The IMI client: fetch a device's shadow secret from the UMS (console side).
+
+Flow (``docs/protocol.md`` section 1; IMI manual, "Secure VNC with IMIv2" and the
+v3 login pages):
+
+1. ``POST {base}/umsapi/v3/login`` with HTTP Basic auth -> ``200``, a ``JSESSIONID``
+   cookie (``Set-Cookie``; also echoed in the body as ``{"message": "JSESSIONID=..."}``).
+2. ``GET {base}/umsapi/v3/thinclients/{id}?facets=shadow``; if that path is unknown
+   (``404`` without an ITG error body) ``GET {base}/umsapi/v2/thinclients/{id}?facets=shadow``
+   (the documented path).
+3. ``POST {base}/umsapi/v3/logout``, best effort.
+
+Errors are decided by the ITG ``errorCode`` of the JSON body
+``{"message", "errorCode", "stackTrace"}``, not by the status alone. Everything the
+server or the network does wrong is a :class:`UMSError` (exit 3); a secret whose
+*content* is malformed (e.g. an empty certificate: reboot the device) stays the
+:class:`SecretError` of :mod:`secshadow.secret` (exit 2). Neither the UMS password
+nor the session id ever appears in a message, log line or ``repr``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from http.cookiejar import CookieJar
+from http.cookies import CookieError, SimpleCookie
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from OpenSSL import SSL
+from treq.client import HTTPClient
+from twisted.internet import error as neterror
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+
+from secshadow.errors import UMSError, UsageError
+from secshadow.secret import ShadowSecret, secret_from_document
+from secshadow.umstrust import UMSTrust, find_ums_error
+
+#: Largest response body read from the UMS; a thin-client document is a few KiB.
+MAX_RESPONSE_BODY = 1024 * 1024
+#: Default per-request timeout in seconds (connect, TLS, request and response).
+DEFAULT_TIMEOUT = 30.0
+
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9._~-]{1,64}$")
+_SESSION_ID = re.compile(r"^[A-Za-z0-9._~+/=-]{1,512}$")
+_ITG_CODE = re.compile(r"^ITG-[0-9A-Z]{5}$")
+_log = Logger(namespace="secshadow.imi")
+
+
+def validate_base_url(url: str) -> str:
+    """Check the ``--ums`` URL and return it without a trailing slash.
+
+    Accepts ``https://host[:port][/prefix]``, or ``http://`` (plaintext: the caller
+    must warn, see :attr:`IMIClient.is_plaintext`). Raises :class:`UsageError` for
+    anything else; the message never repeats user info from the URL.
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise UsageError("the UMS URL is empty (e.g. --ums https://ums.example:8443)")
+    url = url.strip()
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise UsageError("the UMS URL is malformed (e.g. --ums https://ums.example:8443)") from None
+    if "@" in parts.netloc:
+        raise UsageError("the UMS URL must not contain a user name or password; use --ums-user")
+    if parts.scheme not in ("https", "http"):
+        raise UsageError(f"the UMS URL must start with https:// (got scheme {parts.scheme!r})")
+    if not parts.hostname:
+        raise UsageError("the UMS URL has no host (e.g. --ums https://ums.example:8443)")
+    if parts.query or parts.fragment:
+        raise UsageError("the UMS URL must not have a query or fragment")
+    if port == 0:
+        raise UsageError("the UMS URL has port 0")
+    if any(ord(c) <= 0x20 or ord(c) >= 0x7F for c in url):
+        raise UsageError("the UMS URL contains spaces, control or non-ASCII characters")
+    return url.rstrip("/")
+
+
+def validate_device_id(device_id: object) -> str:
+    """Check an IMI device id (``"27"``): 1 to 64 letters, digits or ``. _ ~ -``.
+
+    Raises :class:`UsageError` otherwise.
+    """
+    if isinstance(device_id, int) and not isinstance(device_id, bool):
+        device_id = str(device_id)
+    if not isinstance(device_id, str) or not _DEVICE_ID.match(device_id):
+        raise UsageError("the device id must be 1 to 64 letters, digits or . _ ~ - (e.g. --device 27)")
+    return device_id
+
+
+def _clean(text: object, secrets: tuple[str, ...] = (), limit: int = 200) -> str:
+    """Server-supplied text made safe for a message: printable, short, secrets removed."""
+    s = text if isinstance(text, str) else ""
+    for secret in secrets:
+        if secret:
+            s = s.replace(secret, "<redacted>")
+    s = "".join(c if c.isprintable() else " " for c in s).strip()
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def itg_error(body: bytes) -> tuple[str, str] | None:
+    """``(errorCode, message)`` if ``body`` is an ITG error document, else ``None``."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(document, Mapping):
+        return None
+    code = document.get("errorCode")
+    if not isinstance(code, str) or not _ITG_CODE.match(code):
+        return None
+    message = document.get("message")
+    return code, message if isinstance(message, str) else ""
+
+
+def error_from_response(
+    status: int,
+    body: bytes,
+    *,
+    url: str,
+    device_id: str | None = None,
+    user: str | None = None,
+    secrets: tuple[str, ...] = (),
+) -> UMSError:
+    """The :class:`UMSError` for a non-success IMI answer (pure; never raises).
+
+    ``secrets`` are removed from any server text quoted in the message.
+    """
+    itg = itg_error(body)
+    who = f"user {user!r}" if user else "this user"
+    if itg is not None:
+        code, raw_message = itg
+        message = _clean(raw_message, secrets)
+        detail = f"{code}: {message}" if message else code
+        if code == "ITG-0A001":
+            return UMSError(f"device {device_id} not found on the UMS ({detail}; {url})")
+        if code == "ITG-0A018":
+            return UMSError(
+                f"device {device_id} is in the UMS recycle bin; restore it in the UMS Console first ({detail})"
+            )
+        if status == 401:
+            return UMSError(
+                f"the UMS did not accept the session of {who} ({detail}; HTTP 401, {url}); "
+                f"it may have expired"
+            )
+        if code.startswith("ITG-0B"):
+            return UMSError(f"the UMS refused access for {who} ({detail}; HTTP {status}, {url})")
+        if code == "ITG-0C001":
+            return UMSError(f"the UMS requires a licence for shadowing ({detail}; {url})")
+        return UMSError(f"the UMS answered HTTP {status} with error {detail} ({url})")
+    if status == 401:
+        return UMSError(f"the UMS did not accept the session of {who} (HTTP 401, {url})")
+    if status == 404:
+        return UMSError(
+            f"not found: {url} (HTTP 404); is --ums the UMS web address, e.g. https://ums:8443?"
+        )
+    if 300 <= status < 400:
+        return UMSError(f"the UMS answered with a redirect (HTTP {status}) for {url}; give the final URL")
+    return UMSError(f"bad response from the UMS: HTTP {status} for {url}")
+
+
+def secret_from_response(body: bytes, *, url: str, device_id: str) -> ShadowSecret:
+    """Parse a ``200`` thin-client document with ``?facets=shadow`` into a :class:`ShadowSecret`.
+
+    Raises :class:`UMSError` ("bad response") when the body is not JSON or has the
+    wrong shape (no ``shadowSecret`` object, fields not strings, another device's id),
+    and :class:`SecretError` from :func:`secret_from_document` when the content is
+    malformed (empty or invalid certificate, unusable password).
+    """
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        raise UMSError(f"bad response from the UMS: not JSON ({url})") from None
+    if not isinstance(document, Mapping):
+        raise UMSError(f"bad response from the UMS: expected a JSON object ({url})")
+    shadow = document.get("shadowSecret")
+    if shadow is None:
+        raise UMSError(
+            f"bad response from the UMS: the device document has no shadowSecret; does this UMS "
+            f"support secure shadowing through IMI? ({url})"
+        )
+    if not isinstance(shadow, Mapping):
+        raise UMSError(f"bad response from the UMS: shadowSecret is not an object ({url})")
+    for key in ("certificate", "password"):
+        if not isinstance(shadow.get(key), str):
+            raise UMSError(f"bad response from the UMS: shadowSecret.{key} is missing or not text ({url})")
+    returned_id = document.get("id")
+    if returned_id is not None and str(returned_id) != device_id:
+        raise UMSError(f"bad response from the UMS: asked for device {device_id}, got another device ({url})")
+    return secret_from_document(document)
+
+
+def _causes(exc: BaseException | Failure) -> list[BaseException]:
+    """The exception and everything nested in it (Agent ``reasons``, causes), depth first."""
+    found: list[BaseException] = []
+    stack: list[Any] = [exc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Failure):
+            item = item.value
+        if not isinstance(item, BaseException) or any(item is f for f in found):
+            continue
+        found.append(item)
+        stack.extend(reversed(getattr(item, "reasons", None) or []))
+        stack.extend([item.__context__, item.__cause__])
+    return found
+
+
+def _ssl_detail(e: SSL.Error) -> str:
+    reasons = []
+    for entry in e.args[0] if e.args and isinstance(e.args[0], list) else []:
+        if isinstance(entry, tuple) and entry:
+            reasons.append(str(entry[-1]))
+    return "; ".join(reasons) or "handshake failed"
+
+
+def connection_error(exc: BaseException | Failure, url: str, timeout: float | None = None) -> UMSError:
+    """The :class:`UMSError` for a request that got no HTTP answer (pure; never raises)."""
+    causes = _causes(exc)
+    trust_error = find_ums_error(exc)
+    if trust_error is not None:
+        return UMSError(f"{trust_error.message} ({url})")
+    for e in causes:
+        if isinstance(e, (CancelledError, neterror.TimeoutError, neterror.ConnectingCancelledError)):
+            limit = f" within {timeout:g} s" if timeout else ""
+            return UMSError(f"the UMS did not answer{limit} ({url})")
+    for e in causes:
+        if isinstance(e, neterror.DNSLookupError):
+            return UMSError(f"cannot resolve the UMS host name ({url})")
+        if isinstance(e, neterror.ConnectionRefusedError):
+            return UMSError(f"connection to the UMS refused: nothing listens there ({url})")
+        if isinstance(e, SSL.Error):
+            return UMSError(f"TLS handshake with the UMS failed: {_ssl_detail(e)} ({url})")
+    for e in causes:
+        if isinstance(e, neterror.ConnectError):
+            return UMSError(f"cannot connect to the UMS: {type(e).__name__} ({url})")
+        if isinstance(e, (neterror.ConnectionDone, neterror.ConnectionLost)):
+            return UMSError(f"the UMS closed the connection without an answer ({url})")
+    name = type(causes[0]).__name__ if causes else "unknown error"
+    return UMSError(f"request to the UMS failed: {name} ({url})")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class IMIClient:
+    """A session with one UMS over IMI.
+
+    ``reactor``: provides ``IReactorTCP``/``IReactorTime`` (injected, used for the
+    connections and the timeouts). ``base_url``: ``https://host:8443`` (see
+    :func:`validate_base_url`). ``trust``: how the UMS certificate is verified.
+    ``timeout``: seconds per request. ``http_client``: anything with treq's
+    ``HTTPClient.request`` signature, e.g. ``treq.testing.StubTreq`` in tests;
+    by default a treq ``HTTPClient`` on an ``Agent`` using ``trust`` and a cookie jar.
+
+    Use :meth:`fetch_shadow_secret` for the whole flow, or :meth:`login`,
+    :meth:`shadow_secret`, :meth:`logout` and :meth:`close` step by step.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        base_url: str,
+        trust: UMSTrust,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        http_client: Any = None,
+    ) -> None:
+        self.base_url = validate_base_url(base_url)
+        self.trust = trust
+        self.timeout = timeout
+        self._reactor = reactor
+        self._pool: HTTPConnectionPool | None = None
+        self.cookies: CookieJar | None = None
+        if http_client is None:
+            self._pool = HTTPConnectionPool(reactor, persistent=True)
+            self._pool.maxPersistentPerHost = 1
+            self._pool.retryAutomatically = False
+            agent: Any = Agent(reactor, contextFactory=trust, connectTimeout=timeout, pool=self._pool)
+            self.cookies = CookieJar()
+            http_client = HTTPClient(agent, cookiejar=self.cookies)  # type: ignore[arg-type]
+        self._http = http_client
+        self._session: str | None = None
+        self._user: str | None = None
+        self._secrets: tuple[str, ...] = ()
+
+    @property
+    def is_plaintext(self) -> bool:
+        """``True`` for an ``http://`` URL: the secret would cross the network unencrypted."""
+        return self.base_url.startswith("http://")
+
+    @property
+    def logged_in(self) -> bool:
+        return self._session is not None
+
+    def __repr__(self) -> str:
+        return f"IMIClient({self.base_url!r}, {self.trust!r}, user={self._user!r})"
+
+    async def _request(
+        self, method: str, path: str, *, auth: tuple[bytes, bytes] | None = None
+    ) -> tuple[int, Headers, bytes]:
+        """One request; returns ``(status, headers, body)`` or raises :class:`UMSError`."""
+        url = f"{self.base_url}/{path}"
+        headers = {b"Accept": [b"application/json"]}
+        if self._session is not None:
+            # Explicit, so a plaintext test URL (where a Secure cookie is withheld) works too.
+            headers[b"Cookie"] = [f"JSESSIONID={self._session}".encode("ascii")]
+        try:
+            response = await self._http.request(
+                method,
+                url,
+                headers=headers,
+                auth=auth,
+                allow_redirects=False,
+                unbuffered=True,
+                timeout=self.timeout,
+                reactor=self._reactor,
+            )
+        except Exception as e:  # noqa: BLE001 - every transport failure becomes a UMSError
+            raise connection_error(e, url, self.timeout) from None
+        chunks: list[bytes] = []
+        size = 0
+
+        def collect(data: bytes) -> None:
+            nonlocal size
+            size += len(data)
+            if size > MAX_RESPONSE_BODY:
+                raise _BodyTooLarge()
+            chunks.append(data)
+
+        try:
+            await response.collect(collect)
+        except _BodyTooLarge:
+            raise UMSError(f"bad response from the UMS: body larger than {MAX_RESPONSE_BODY} bytes ({url})") from None
+        except Exception as e:  # noqa: BLE001
+            if any(isinstance(c, _BodyTooLarge) for c in _causes(e)):
+                raise UMSError(
+                    f"bad response from the UMS: body larger than {MAX_RESPONSE_BODY} bytes ({url})"
+                ) from None
+            raise connection_error(e, url, self.timeout) from None
+        return response.code, response.headers, b"".join(chunks)
+
+    async def login(self, user: str, password: str) -> None:
+        """``POST /umsapi/v3/login`` with Basic auth; keeps the session id.
+
+        Raises :class:`UsageError` for an empty user name or password, or a ``:`` in
+        the name; :class:`UMSError` "login refused for user X" on ``401``, and for
+        every other failure.
+        """
+        if not isinstance(user, str) or not user or ":" in user:
+            raise UsageError("the UMS user name must be non-empty and contain no ':'")
+        if not isinstance(password, str) or not password:
+            raise UsageError(f"the UMS password for user {user!r} is empty")
+        self._user = user
+        self._secrets = (password,)
+        url = f"{self.base_url}/umsapi/v3/login"
+        _log.info("logging in to UMS at {url} as {user!r} ({trust})", url=self.base_url, user=user,
+                  trust=self.trust.describe() if not self.is_plaintext else "plaintext http")
+        status, headers, body = await self._request(
+            "POST", "umsapi/v3/login", auth=(user.encode("utf-8"), password.encode("utf-8"))
+        )
+        if status == 401:
+            itg = itg_error(body)
+            reason = f" ({itg[0]})" if itg else ""
+            raise UMSError(f"login refused for user {user!r}: wrong user name or password{reason} ({url})")
+        if status != 200:
+            raise error_from_response(status, body, url=url, user=user, secrets=self._secrets)
+        session = _session_from(headers, body)
+        if session is None:
+            raise UMSError(f"bad response from the UMS: login succeeded but no JSESSIONID came back ({url})")
+        self._session = session
+        self._secrets = (password, session)
+
+    async def shadow_secret(self, device_id: str) -> ShadowSecret:
+        """``GET .../thinclients/{id}?facets=shadow`` (v3, then v2 if v3 is unknown).
+
+        Needs :meth:`login` first. Returns the :class:`ShadowSecret`; raises
+        :class:`UMSError` or :class:`SecretError` (see :func:`secret_from_response`).
+        Each call yields a fresh one-time password.
+        """
+        device_id = validate_device_id(device_id)
+        if self._session is None:
+            raise UMSError("not logged in to the UMS")
+        quoted = quote(device_id, safe="")
+        for version in ("v3", "v2"):
+            path = f"umsapi/{version}/thinclients/{quoted}?facets=shadow"
+            url = f"{self.base_url}/{path}"
+            status, _, body = await self._request("GET", path)
+            if status == 200:
+                secret = secret_from_response(body, url=url, device_id=device_id)
+                _log.info(
+                    "fetched shadow secret for device {device_id} (lastIP {host}, certificate SHA-256 {sha})",
+                    device_id=device_id, host=secret.host, sha=secret.certificate_sha256,
+                )
+                return secret
+            if status == 404 and version == "v3" and itg_error(body) is None:
+                _log.info("the UMS has no IMI v3 thin-client path; trying the documented v2 path")
+                continue
+            raise error_from_response(
+                status, body, url=url, device_id=device_id, user=self._user, secrets=self._secrets
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def logout(self) -> None:
+        """``POST /umsapi/v3/logout``, best effort: errors are logged and ignored."""
+        if self._session is None:
+            return
+        try:
+            status, _, _ = await self._request("POST", "umsapi/v3/logout")
+            if status != 200:
+                _log.debug("UMS logout answered HTTP {status}", status=status)
+        except UMSError as e:
+            _log.debug("UMS logout failed: {message}", message=e.message)
+        finally:
+            self._session = None
+
+    async def close(self) -> None:
+        """Close cached connections (call once done)."""
+        if self._pool is not None:
+            await self._pool.closeCachedConnections()
+
+    async def fetch_shadow_secret(self, device_id: str, user: str, password: str) -> ShadowSecret:
+        """Log in, fetch the device's shadow secret, log out (even on failure)."""
+        device_id = validate_device_id(device_id)
+        await self.login(user, password)
+        try:
+            return await self.shadow_secret(device_id)
+        finally:
+            await self.logout()
+
+
+def _session_from(headers: Headers, body: bytes) -> str | None:
+    """The JSESSIONID from ``Set-Cookie``, else from the body's ``message``."""
+    for raw in headers.getRawHeaders(b"set-cookie", []):
+        try:
+            jar: SimpleCookie = SimpleCookie()
+            jar.load(raw.decode("latin-1"))
+        except CookieError:
+            continue
+        morsel = jar.get("JSESSIONID")
+        if morsel is not None and _SESSION_ID.match(morsel.value):
+            return morsel.value
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    message = document.get("message") if isinstance(document, Mapping) else None
+    if isinstance(message, str) and message.startswith("JSESSIONID="):
+        value = message[len("JSESSIONID="):].strip()
+        if _SESSION_ID.match(value):
+            return value
+    return None
+
+
+def fetch_shadow_secret(
+    reactor: Any,
+    base_url: str,
+    device_id: str,
+    user: str,
+    password: str,
+    trust: UMSTrust,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Deferred[ShadowSecret]:
+    """Fetch one shadow secret: login, GET with ``?facets=shadow``, logout; connections closed.
+
+    Fires with a :class:`ShadowSecret`; fails with :class:`UMSError` (exit 3),
+    :class:`UsageError` for a bad URL/id/user, or :class:`SecretError` for a malformed
+    secret (exit 2).
+    """
+
+    async def run() -> ShadowSecret:
+        client = IMIClient(reactor, base_url, trust, timeout=timeout)
+        try:
+            return await client.fetch_shadow_secret(device_id, user, password)
+        finally:
+            await client.close()
+
+    return Deferred.fromCoroutine(run())
