@@ -1,0 +1,295 @@
+"""``secshadow-device``: run the device emulator in front of a VNC server.
+
+Standard output carries one JSON object per line (flushed as it happens), e.g.::
+
+    {"event": "certificate", "cert_path": "...", "key_path": "...", "certificate_sha256": "AB:..."}
+    {"event": "listening", "host": "127.0.0.1", "port": 5900, "certificate_sha256": "AB:..."}
+    {"event": "connection", "peer": "127.0.0.1:40312"}
+    {"event": "tls", "version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384"}
+    {"event": "procycmd", "accepted": true, "reason": "ok"}
+    {"event": "vnc-connected", "vnc": "127.0.0.1:5901"}
+    {"event": "app-bytes", "count": 1234, "reason": "relay ended"}
+
+(``certificate`` only with ``--generate-cert``; ``consent`` with consent-prompt
+firmware; ``warning`` with ``--ums-insecure``.) Progress and errors go to standard
+error. No line ever contains the password. Exit status: 0 after SIGINT/SIGTERM,
+2 for bad flags or files, 1 when the listener cannot be opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from secshadow.errors import SecShadowError, UsageError
+
+PROG = "secshadow-device"
+
+
+def _print_json(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    sys.stderr.flush()
+
+
+def _parse_vnc(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise UsageError(f"--vnc wants HOST:PORT, got {text!r}")
+    host = host.strip("[]")
+    try:
+        number = int(port)
+    except ValueError:
+        raise UsageError(f"--vnc: {port!r} is not a port number") from None
+    if not 1 <= number <= 65535:
+        raise UsageError(f"--vnc: port {number} is out of range 1-65535")
+    return host, number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Emulate a thin client's secure-shadowing port: TLS with the device certificate, "
+            "PROCYCMD one-time password check, then a relay to a VNC server."
+        ),
+    )
+    parser.add_argument(
+        "--listen",
+        default="tcp:5900:interface=127.0.0.1",
+        metavar="ENDPOINT",
+        help="Twisted server endpoint string (default: %(default)s; port 0 picks a free port)",
+    )
+    certs = parser.add_argument_group("device certificate (either --cert and --key, or --generate-cert)")
+    certs.add_argument("--cert", metavar="PEM", help="device certificate, PEM")
+    certs.add_argument("--key", metavar="PEM", help="its private key, unencrypted PEM")
+    certs.add_argument(
+        "--generate-cert",
+        metavar="DIR",
+        help="write a fresh name-less certificate (C=DE, L=Bremen, O=IGEL) and key to DIR and use them",
+    )
+    parser.add_argument("--firmware", default="current", metavar="NAME", help="firmware profile (default: %(default)s)")
+    parser.add_argument("--list-firmware", action="store_true", help="list the firmware profiles and exit")
+    parser.add_argument("--consent-delay", type=float, metavar="S", help="override the profile's consent delay, seconds")
+    parser.add_argument(
+        "--command-timeout", type=float, metavar="S", help="override how long to wait for PROCYCMD, seconds"
+    )
+    parser.add_argument(
+        "--vnc", default="127.0.0.1:5901", metavar="HOST:PORT", help="VNC server to relay to (default: %(default)s)"
+    )
+    parser.add_argument("--port-file", metavar="FILE", help="write the listening port number to FILE")
+    passwords = parser.add_argument_group("password check (either --ums ... or --accept-password-file)")
+    passwords.add_argument("--ums", metavar="URL", help="IMI server that checks one-time passwords")
+    passwords.add_argument("--device-id", metavar="ID", help="this device's id at the IMI server")
+    passwords.add_argument("--ums-fingerprint", metavar="HEX", help="SHA-256 of the IMI server's certificate")
+    passwords.add_argument("--ums-ca", metavar="FILE", help="CA/certificate PEM file for the IMI server")
+    passwords.add_argument(
+        "--ums-insecure", action="store_true", help="do not verify the IMI server's certificate (unsafe)"
+    )
+    passwords.add_argument(
+        "--accept-password-file",
+        metavar="FILE",
+        help="accept the one password in FILE, once (standalone use without an IMI server)",
+    )
+    return parser
+
+
+@dataclasses.dataclass
+class _Config:
+    listen: str
+    profile: Any
+    cert_pem: bytes
+    key_pem: bytes
+    vnc_host: str
+    vnc_port: int
+    port_file: str | None
+    checker_factory: Any  # reactor -> PasswordChecker
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path!r}: {exc.strerror}") from None
+
+
+def _checker_factory(args: argparse.Namespace) -> Any:
+    from secshadow.device.emulator import OneShotPasswordChecker
+    from secshadow.secret import OneTimePassword
+
+    if args.accept_password_file and args.ums:
+        raise UsageError("give either --ums or --accept-password-file, not both")
+    if args.accept_password_file:
+        text = _read(args.accept_password_file, "password file").decode("ascii", "replace").strip()
+        checker = OneShotPasswordChecker(OneTimePassword(text))
+        return lambda reactor: checker
+    if not args.ums:
+        raise UsageError("how are passwords checked? give --ums URL --device-id ID, or --accept-password-file FILE")
+    if not args.device_id:
+        raise UsageError("--ums needs --device-id")
+    chosen = [flag for flag, value in (
+        ("--ums-fingerprint", args.ums_fingerprint), ("--ums-ca", args.ums_ca), ("--ums-insecure", args.ums_insecure)
+    ) if value]
+    if len(chosen) != 1:
+        raise UsageError("--ums needs exactly one of --ums-fingerprint, --ums-ca, --ums-insecure")
+    # Imported here: the IMI client is only needed in this mode.
+    from secshadow.umstrust import UMSTrust
+
+    if args.ums_fingerprint:
+        trust = UMSTrust.from_fingerprint(args.ums_fingerprint)
+    elif args.ums_ca:
+        trust = UMSTrust.from_ca_file(args.ums_ca)
+    else:
+        trust = UMSTrust.insecure()
+        sys.stderr.write(
+            f"{PROG}: WARNING: --ums-insecure: the IMI server's certificate is NOT verified; "
+            "anyone on the path can approve passwords\n"
+        )
+        _print_json({"event": "warning", "message": "--ums-insecure: IMI server certificate not verified"})
+    url, device_id = args.ums, args.device_id
+
+    def factory(reactor: Any) -> Any:
+        from secshadow.ums.otpcheck import verify_otp
+
+        return lambda password: verify_otp(reactor, url, device_id, password, trust)
+
+    return factory
+
+
+def configure(args: argparse.Namespace) -> _Config:
+    """Validate flags and load files; raises :class:`UsageError` with a user-facing message."""
+    from secshadow import certs
+    from secshadow.device.firmware import build_server_context, get_profile
+
+    profile = get_profile(args.firmware)
+    overrides: dict[str, Any] = {}
+    if args.consent_delay is not None:
+        overrides["consent_delay"] = args.consent_delay
+    if args.command_timeout is not None:
+        overrides["command_timeout"] = args.command_timeout
+    if overrides:
+        try:
+            profile = dataclasses.replace(profile, **overrides)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    vnc_host, vnc_port = _parse_vnc(args.vnc)
+    if args.generate_cert and (args.cert or args.key):
+        raise UsageError("give either --cert/--key or --generate-cert, not both")
+    # Every other flag is checked before --generate-cert writes files.
+    checker_factory = _checker_factory(args)
+    if args.generate_cert:
+        cert_path, key_path = certs.write_pair(args.generate_cert, "device", key_type=profile.key_type)
+        cert_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
+        fingerprint = certs.certificate_sha256(cert_pem)
+        sys.stderr.write(f"{PROG}: generated {cert_path} (SHA-256 {fingerprint}) and {key_path}\n")
+        _print_json({
+            "event": "certificate",
+            "cert_path": str(cert_path),
+            "key_path": str(key_path),
+            "certificate_sha256": fingerprint,
+        })
+    elif args.cert and args.key:
+        cert_pem, key_pem = _read(args.cert, "certificate"), _read(args.key, "key")
+    else:
+        raise UsageError("give --cert PEM and --key PEM, or --generate-cert DIR")
+    # Fail now, as a usage error, if OpenSSL refuses the pair or the profile.
+    build_server_context(profile, cert_pem, key_pem)
+    return _Config(
+        listen=args.listen,
+        profile=profile,
+        cert_pem=cert_pem,
+        key_pem=key_pem,
+        vnc_host=vnc_host,
+        vnc_port=vnc_port,
+        port_file=args.port_file,
+        checker_factory=checker_factory,
+    )
+
+
+def _write_port_file(path: str, port: int) -> None:
+    target = Path(path)
+    temporary = target.with_name(target.name + ".tmp")
+    temporary.write_text(f"{port}\n")
+    temporary.replace(target)  # atomic: a reader never sees a half-written file
+
+
+async def _run(reactor: Any, config: _Config) -> None:
+    from twisted.internet.defer import Deferred
+
+    from secshadow.device.emulator import DeviceEmulator
+
+    from secshadow.device.emulator import DeviceListening
+    from secshadow.events import Event
+
+    def on_event(event: Event) -> None:
+        if isinstance(event, DeviceListening) and config.port_file:
+            # Written before the "listening" line, so a reader of either finds the file.
+            _write_port_file(config.port_file, event.port)
+        _print_json(event.as_dict())
+
+    emulator = DeviceEmulator(
+        reactor,
+        config.profile,
+        config.cert_pem,
+        config.key_pem,
+        config.checker_factory(reactor),
+        vnc_host=config.vnc_host,
+        vnc_port=config.vnc_port,
+        on_event=on_event,
+    )
+    try:
+        await emulator.listen(config.listen)
+    except Exception as exc:  # CannotListenError, a bad endpoint string, ...
+        _error(f"cannot listen on {config.listen!r}: {exc}")
+        raise SystemExit(1) from None
+    sys.stderr.write(
+        f"{PROG}: firmware {config.profile.name!r}, relaying to VNC at {config.vnc_host}:{config.vnc_port}\n"
+    )
+    # SIGINT/SIGTERM stop the reactor (react installs the handlers); close cleanly first.
+    reactor.addSystemEventTrigger("before", "shutdown", emulator.stop)
+    await Deferred()  # run until the reactor stops
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point; exits with the process status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 with a usage message on bad flags
+    if args.list_firmware:
+        from secshadow.device.firmware import PROFILES
+
+        for profile in PROFILES.values():
+            print(f"{profile.name:16} {profile.description}")
+        sys.exit(0)
+    try:
+        config = configure(args)
+    except SecShadowError as exc:
+        _error(exc.message)
+        sys.exit(2)
+
+    from twisted.internet.task import react
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    observer = FilteringLogObserver(
+        textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)]
+    )
+    # redirectStandardIO=False: standard output is reserved for the JSON lines.
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    react(_run, (config,))
+
+
+if __name__ == "__main__":
+    main()
