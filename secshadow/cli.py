@@ -381,8 +381,14 @@ async def _run_checked(reactor: Any, args: argparse.Namespace, output: Output, s
             stopping["loading"].cancel()
 
     if install_signals:
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+        # Twisted installs its own SIGINT/SIGTERM handlers (which just stop the reactor)
+        # during start-up; ours replace them once the reactor runs, so a signal closes
+        # the session cleanly and reports it.
+        def install() -> None:
+            signal.signal(signal.SIGINT, on_signal)
+            signal.signal(signal.SIGTERM, on_signal)
+
+        reactor.callLater(0, install)
 
     loading = ensureDeferred(_load_secret(reactor, args, output, stdin))
     stopping["loading"] = loading

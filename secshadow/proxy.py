@@ -133,6 +133,8 @@ class _ViewerConnection(Protocol):
 
 
 class _ViewerFactory(Factory):
+    noisy = False
+
     def __init__(self, session: ShadowSession) -> None:
         self.session = session
 
@@ -237,8 +239,6 @@ class ShadowSession:
             return
         self._adopt(link)
         self.state = SessionState.PINNED
-        log.info("device {host}:{port} pinned ({version}, {cipher})", host=self.options.device_host,
-                 port=self.options.device_port, version=link.tls_version, cipher=link.cipher)
         self._open_listener()
 
     # ------------------------------------------------------------ listener
@@ -395,7 +395,6 @@ class ShadowSession:
         self._cancel_timer("hello")
         self.state = SessionState.RELAYING
         self._emit(events.SessionStarted(rfb_version=hello.version))
-        log.info("device answered {version}; relaying", version=hello.version)
         splice = Splice(self._device.transport, self._viewer_conn.transport, self._clock,  # type: ignore[arg-type]
                         on_closed=self._relay_closed)
         self._splice = splice
@@ -453,7 +452,6 @@ class ShadowSession:
             bytes_to_device=splice.bytes_right_to_left if splice else 0,
             duration_s=round(self._clock.seconds() - self._started_at, 3),
         )
-        log.info("session closed: {reason}", reason=reason)
 
         def report(_: Any) -> events.Closed:
             self._emit(closed)
