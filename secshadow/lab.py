@@ -81,13 +81,13 @@ class ManagedProcess:
             if remaining <= 0:
                 break
             try:
-                event = self._queue.get(timeout=remaining)
+                item = self._queue.get(timeout=remaining)
             except queue.Empty:
                 break
-            if event is None:
+            if item is None:
                 break
-            if event.get("event") == name:
-                return event
+            if item.get("event") == name:
+                return item
         raise LabError(f"{self.name} gave no {name!r} event within {timeout:g} s:\n{self.log_tail()}")
 
     def named(self, name: str) -> list[dict[str, Any]]:

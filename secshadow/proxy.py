@@ -288,7 +288,7 @@ class ShadowSession:
         port, self._port = self._port, None
         if port is None:
             return succeed(None)
-        return maybeDeferred(port.stopListening)
+        return maybeDeferred(port.stopListening)  # type: ignore[call-overload]
 
     # -------------------------------------------------------------- viewer
     def _viewer_connected(self, conn: _ViewerConnection) -> None:

@@ -10,7 +10,7 @@ password goes out later, through :meth:`DeviceLink.send_command`.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol as TypingProtocol
+from typing import Any, Callable, Protocol as TypingProtocol
 
 from OpenSSL import SSL
 from twisted.internet import error as ierror
@@ -70,17 +70,22 @@ class DeviceLink(Protocol):
         self._early = b""
         self.bytes_received = 0
 
+    @property
+    def _tls(self) -> Any:
+        """The TLS transport (``TLSMemoryBIOProtocol``): getHandle, abortConnection."""
+        return self.transport
+
     # -- Twisted callbacks -------------------------------------------------
     def connectionMade(self) -> None:
         self.connected_ = True
 
     def handshakeCompleted(self) -> None:
-        connection: SSL.Connection = self.transport.getHandle()  # type: ignore[attr-defined]
+        connection: SSL.Connection = self._tls.getHandle()
         try:
             check_peer(connection, self._creator.check.pinned_der)
         except PinMismatch as e:
             self._fail_ready(e)
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self._tls.abortConnection()
             return
         self.tls_version, self.cipher = negotiated(connection)
         ready, self.ready = self.ready, None
@@ -96,7 +101,7 @@ class DeviceLink(Protocol):
         if len(self._early) > self.MAX_EARLY_BYTES:
             log.warn("device sent {n} bytes before PROCYCMD; closing", n=len(self._early))
             self._early = b""
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self._tls.abortConnection()
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:  # type: ignore[override]
         self.connected_ = False
@@ -134,17 +139,17 @@ class DeviceLink(Protocol):
 
         Raises :class:`PinMismatch` (and aborts) if the peer's certificate is not the pin.
         """
-        connection: SSL.Connection = self.transport.getHandle()  # type: ignore[attr-defined]
+        connection: SSL.Connection = self._tls.getHandle()
         try:
             check_peer(connection, self._creator.check.pinned_der)
         except PinMismatch:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self._tls.abortConnection()
             raise
         self.transport.write(command)  # type: ignore[union-attr]
 
     def abort(self) -> None:
         if self.connected_:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self._tls.abortConnection()
 
     def close(self) -> None:
         if self.connected_:
@@ -194,6 +199,7 @@ def connect_pinned(
     Cancelling it aborts the attempt.
     """
     creator = PinnedConnectionCreator(pinned_der, profile)
+    tcp: IStreamClientEndpoint
     if endpoint_factory is None:
         tcp = HostnameEndpoint(reactor, host, port, timeout=timeout)
     else:
@@ -240,7 +246,7 @@ def connect_pinned(
             return Failure(DeviceUnreachable(f"cannot connect to the device at {where}: {failure.getErrorMessage()}"))
         return failure
 
-    connecting.addCallback(on_tcp).addErrback(on_tcp_error).chainDeferred(result)
+    connecting.addCallback(on_tcp).addErrback(on_tcp_error).chainDeferred(result)  # type: ignore[call-overload]
     # One deadline for TCP and TLS together (--connect-timeout).
     result.addTimeout(timeout, reactor)  # type: ignore[arg-type]
 

@@ -132,9 +132,10 @@ def resolve_viewer(name: str, path: str | None = None) -> ViewerSpec:
             + ", ".join(e for c in AUTO_ORDER for e in VIEWERS[c].executables)
             + "); install TigerVNC (Debian: tigervnc-viewer) or use --viewer none"
         )
-    spec = VIEWERS.get(name)
-    if spec is None:
+    found_spec = VIEWERS.get(name)
+    if found_spec is None:
         raise UsageError(f"unknown viewer {name!r}; known: auto, none, {', '.join(VIEWERS)}")
+    spec = found_spec
     if find_executable(spec, path) is None:
         raise ViewerError(f"viewer {name!r} is not installed (looked for {', '.join(spec.executables)})")
     return spec
@@ -193,7 +194,7 @@ class ViewerProcess(ProcessProtocol):
         if reason.check(ProcessDone):
             self.exit_status = 0
         elif reason.check(ProcessTerminated):
-            self.exit_status = reason.value.exitCode
+            self.exit_status = getattr(reason.value, "exitCode", None)
         if self._kill_call is not None and self._kill_call.active():
             self._kill_call.cancel()
         self._kill_call = None
