@@ -18,6 +18,7 @@ import traceback
 from typing import IO, Any, NoReturn, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
+from twisted.internet.endpoints import serverFromString
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
@@ -79,6 +80,7 @@ def _port(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog=PROG,
+        allow_abbrev=False,
         description="Secure VNC shadowing of a managed thin client: fetch its shadow secret, open a "
                     "pinned TLS tunnel, send PROCYCMD, and give a VNC viewer a local port.",
         epilog="Exit codes: 0 ok, 1 internal, 2 usage, 3 ums, 4 device-unreachable, 5 tls-handshake, "
@@ -231,9 +233,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise UsageError("--ums and --device go together")
         if not args.ums_user:
             raise UsageError("--ums needs --ums-user")
-        if not (args.ums_ca or args.ums_fingerprint or args.ums_insecure):
-            raise UsageError("say how to trust the UMS web certificate: --ums-ca FILE, "
-                             "--ums-fingerprint HEX, or (dangerous) --ums-insecure")
+        if args.ums.lower().startswith("http://") and not args.ums_insecure:
+            raise UsageError("--ums uses plain http://, which would carry the device password and "
+                             "the IMI password unencrypted; use https:// (or, knowingly, --ums-insecure)")
     elif args.ums_user or args.ums_ca or args.ums_fingerprint or args.ums_insecure or args.ums_password_file:
         raise UsageError("--ums-user/--ums-ca/--ums-fingerprint/--ums-insecure/--ums-password-file need --ums")
     explicit_viewer = args.viewer != "auto"
@@ -271,8 +273,10 @@ async def _load_secret(reactor: Any, args: argparse.Namespace, output: Output,
                     "the device password and substitute the device certificate"))
     elif args.ums_fingerprint:
         trust = UMSTrust.from_fingerprint(args.ums_fingerprint)
-    else:
+    elif args.ums_ca:
         trust = UMSTrust.from_ca_file(args.ums_ca)
+    else:
+        trust = UMSTrust.system()
     output.say(f"fetching the shadow secret of device {args.device} from {args.ums}")
     secret = await fetch_shadow_secret(reactor, args.ums, args.device, args.ums_user, password, trust)
     return secret, "ums"
@@ -331,7 +335,8 @@ def _make_launcher(reactor: Any, args: argparse.Namespace, holder: dict[str, Any
         return snapshot
     if args.viewer_command:
         def custom(host: str, port: int) -> ViewerHandle:
-            return launch(reactor, "custom", template_argv(args.viewer_command, host, port))
+            title = holder.get("title", "secshadow")
+            return launch(reactor, "custom", template_argv(args.viewer_command, host, port, title))
         return custom
     if args.viewer == "none":
         return None
@@ -390,12 +395,26 @@ async def _run_checked(reactor: Any, args: argparse.Namespace, output: Output, s
 
         reactor.callLater(0, install)
 
+    # Check everything that can be checked before a one-time password is fetched
+    # (each fetch spends one): the viewer and the listener endpoint.
+    holder: dict[str, Any] = {}
+    launcher = _make_launcher(reactor, args, holder)
+    try:
+        serverFromString(reactor, args.listen)
+    except (ValueError, TypeError, KeyError) as e:
+        raise UsageError(f"--listen {args.listen!r} is not a server endpoint: {e}") from None
+    if args.view_only and args.viewer_command:
+        output.warn("--view-only has no effect with --viewer-command: put the viewer's own flag in the template")
+
     loading = ensureDeferred(_load_secret(reactor, args, output, stdin))
     stopping["loading"] = loading
     try:
         secret, source = await loading
-    except CancelledError:
-        output.event(events.Closed(reason=stopping["reason"] or "cancelled"))
+    except (CancelledError, SecShadowError):
+        if stopping["reason"] is None:
+            raise
+        # Interrupted while fetching: whatever the fetch reported, the user stopped it.
+        output.event(events.Closed(reason=stopping["reason"]))
         return 0
     stopping["loading"] = None
 
@@ -403,6 +422,7 @@ async def _run_checked(reactor: Any, args: argparse.Namespace, output: Output, s
     if not host:
         raise UsageError("the secret names no device address (no lastIP/host): pass --device-host")
     port = args.device_port or secret.port or DEFAULT_DEVICE_PORT
+    holder["title"] = f"secshadow: {secret.device_name or host}"
     output.event(events.SecretLoaded(source=source, device_host=host, device_port=port,
                                      certificate_sha256=secret.certificate_sha256))
     options = SessionOptions(
@@ -411,8 +431,6 @@ async def _run_checked(reactor: Any, args: argparse.Namespace, output: Output, s
         connect_timeout=args.connect_timeout, viewer_timeout=args.viewer_timeout,
         hello_timeout=args.hello_timeout, idle_timeout=args.idle_timeout,
     )
-    holder: dict[str, Any] = {}
-    launcher = _make_launcher(reactor, args, holder)
     if args.viewer == "none" and not args.snapshot and not args.viewer_command:
         output.say("--viewer none: connect your viewer to the port in the 'listening' event")
     session = ShadowSession(reactor, secret, options, on_event=output.event, launch_viewer=launcher)

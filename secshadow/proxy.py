@@ -21,6 +21,7 @@ both sockets, releases the listener and reaps the viewer before
 from __future__ import annotations
 
 import enum
+import ipaddress
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol as TypingProtocol
 
@@ -55,6 +56,16 @@ MAX_EARLY_VIEWER_BYTES = 64 * 1024
 CLOSE_GRACE = 2.0
 
 
+def _is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and Unix socket paths (no address at all)."""
+    if not host or host.startswith("/"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 class SessionState(enum.Enum):
     CONNECTING = "connecting"
     PINNED = "pinned"
@@ -83,7 +94,6 @@ class SessionOptions:
     viewer_timeout: float = 60.0
     hello_timeout: float = 60.0
     idle_timeout: float = 0.0
-    title: str = "secshadow"
 
 
 class ViewerHandle(TypingProtocol):
@@ -269,6 +279,10 @@ class ShadowSession:
         self.listening_address = (str(host), int(number))
         self.state = SessionState.LISTENING
         self._emit(events.Listening(host=str(host), port=int(number)))
+        if not _is_loopback(str(host)):
+            self._emit(events.WarningEvent(
+                message=f"the viewer port listens on {host}, not on loopback: anyone who can reach "
+                        "it gets the device's screen without a password"))
         self._set_timer("viewer", self.options.viewer_timeout, self._viewer_timed_out)
         if self._launch_viewer is not None:
             try:

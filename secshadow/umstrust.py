@@ -171,7 +171,9 @@ class _ConnectionCreator:
         if trust.mode == "insecure":
             context.set_verify(SSL.VERIFY_NONE)
         else:
-            if trust.mode == "ca":
+            if trust.mode == "system":
+                context.set_default_verify_paths()
+            elif trust.mode == "ca":
                 assert trust.ca_file is not None
                 context.load_verify_locations(trust.ca_file.encode())
                 # Every certificate in the file is an anchor, even a non-self-signed leaf.
@@ -192,12 +194,13 @@ class UMSTrust:
     """How to trust the UMS web certificate; an ``IPolicyForHTTPS`` for treq/Agent.
 
     Build one with :meth:`from_ca_file`, :meth:`from_fingerprint` or :meth:`insecure`.
-    ``mode`` is ``"ca"``, ``"fingerprint"`` or ``"insecure"``. Refusals surface as
+    ``mode`` is ``"ca"``, ``"system"`` (the platform's CA store, the default when no
+    flag is given), ``"fingerprint"`` or ``"insecure"``. Refusals surface as
     :class:`UMSError` (see :func:`find_ums_error`).
     """
 
     def __init__(self, mode: str, *, ca_file: str | None = None, fingerprint: bytes | None = None) -> None:
-        if mode not in ("ca", "fingerprint", "insecure"):
+        if mode not in ("ca", "system", "fingerprint", "insecure"):
             raise UsageError(f"unknown UMS trust mode {mode!r}")
         self.mode = mode
         self.ca_file = ca_file
@@ -232,6 +235,11 @@ class UMSTrust:
         return cls("fingerprint", fingerprint=parse_fingerprint(text))
 
     @classmethod
+    def system(cls) -> UMSTrust:
+        """Trust the platform's CA store (OpenSSL's default paths), with the host-name check."""
+        return cls("system")
+
+    @classmethod
     def insecure(cls) -> UMSTrust:
         """Accept any certificate. The caller must warn: the secret can then be intercepted."""
         return cls("insecure")
@@ -245,6 +253,8 @@ class UMSTrust:
         """A short human description, e.g. for a progress message."""
         if self.mode == "ca":
             return f"--ums-ca {self.ca_file}"
+        if self.mode == "system":
+            return "the system's CA store (no --ums-ca/--ums-fingerprint given)"
         if self.mode == "fingerprint":
             return f"--ums-fingerprint {self.fingerprint}"
         return "--ums-insecure (no certificate verification)"
@@ -293,7 +303,8 @@ class UMSTrust:
         # CA mode: OpenSSL's verdict on the chain, then the name.
         if not ok:
             reason = _VERIFY_ERRORS.get(errno, f"OpenSSL verify error {errno}")
-            fail(f"the UMS certificate for {host} is not trusted by --ums-ca {self.ca_file}: {reason}")
+            fail(f"the UMS certificate for {host} is not trusted by {self.describe()}: {reason}"
+                 + ("; a self-signed UMS needs --ums-fingerprint or --ums-ca" if self.mode == "system" else ""))
             return False
         if depth != 0:
             return True

@@ -16,6 +16,7 @@ import shlex
 import shutil
 import signal
 import string
+import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -38,12 +39,14 @@ TERMINATE_GRACE = 5.0
 
 @dataclass(frozen=True)
 class ViewerSpec:
-    """A known viewer: ``executables`` tried in order on the PATH; ``build`` makes argv
-    tail from (host, port, view_only, title)."""
+    """A known viewer: ``executables`` tried in order on the PATH; ``build`` makes the
+    argv tail from (host, port, view_only, title); ``platforms``: ``sys.platform``
+    prefixes it exists on (empty: any)."""
 
     name: str
     executables: tuple[str, ...]
     build: Callable[[str, int, bool, str], list[str]]
+    platforms: tuple[str, ...] = ()
 
 
 def _tigervnc(host: str, port: int, view_only: bool, title: str) -> list[str]:
@@ -56,12 +59,55 @@ def _tigervnc(host: str, port: int, view_only: bool, title: str) -> list[str]:
     return args
 
 
+def _realvnc(host: str, port: int, view_only: bool, title: str) -> list[str]:
+    # A loopback tunnel always looks unencrypted to RealVNC: don't warn about it.
+    args = ["-WarnUnencrypted=0"]
+    if view_only:
+        args += ["-SendKeyEvents=0", "-SendPointerEvents=0"]
+    return [*args, f"{host}::{port}"]
+
+
+def _vncviewer_family(view_only_flag: str) -> Callable[[str, int, bool, str], list[str]]:
+    def build(host: str, port: int, view_only: bool, title: str) -> list[str]:
+        return ([view_only_flag] if view_only else []) + [f"{host}::{port}"]
+    return build
+
+
+def _uri(prefix: Sequence[str] = (), title_flag: str | None = None) -> Callable[[str, int, bool, str], list[str]]:
+    def build(host: str, port: int, view_only: bool, title: str) -> list[str]:
+        args = list(prefix)
+        if title_flag:
+            args += [title_flag, title]
+        return [*args, f"vnc://{host}:{port}"]
+    return build
+
+
+def _gvncviewer(host: str, port: int, view_only: bool, title: str) -> list[str]:
+    # gvncviewer only understands host:N, display N = TCP port 5900 + N.
+    if port < 5900:
+        raise ViewerError(f"gvncviewer cannot reach port {port} (below 5900): listen on a port >= 5900")
+    return [f"{host}:{port - 5900}"]
+
+
 VIEWERS: dict[str, ViewerSpec] = {
-    "tigervnc": ViewerSpec("tigervnc", ("vncviewer", "xtigervncviewer"), _tigervnc),
+    spec.name: spec
+    for spec in (
+        ViewerSpec("tigervnc", ("vncviewer", "xtigervncviewer"), _tigervnc),
+        ViewerSpec("realvnc", ("vncviewer-realvnc", "realvnc-vncviewer"), _realvnc),
+        ViewerSpec("tightvnc", ("xtightvncviewer",), _vncviewer_family("-viewonly")),
+        ViewerSpec("ultravnc", ("vncviewer.exe",), _vncviewer_family("-viewonly"), ("win",)),
+        ViewerSpec("vinagre", ("vinagre",), _vncviewer_family("--view-only")),
+        ViewerSpec("remote-viewer", ("remote-viewer",), _uri(title_flag="--title")),
+        ViewerSpec("remmina", ("remmina",), _uri(prefix=("-c",))),
+        ViewerSpec("krdc", ("krdc",), _uri()),
+        ViewerSpec("gvncviewer", ("gvncviewer",), _gvncviewer),
+        ViewerSpec("screensharing", ("open",), _uri(), ("darwin",)),
+    )
 }
 
 #: Order ``--viewer auto`` tries.
-AUTO_ORDER = ("tigervnc",)
+AUTO_ORDER = ("tigervnc", "realvnc", "tightvnc", "remote-viewer", "gvncviewer", "vinagre", "krdc",
+              "remmina", "ultravnc", "screensharing")
 
 _TEMPLATE_FIELDS = {"host", "port", "display", "title"}
 
@@ -107,7 +153,10 @@ def template_argv(template: str, host: str, port: int, title: str = "secshadow")
 
 
 def find_executable(spec: ViewerSpec, path: str | None = None) -> str | None:
-    """First of ``spec.executables`` found on ``path`` (default: ``$PATH``)."""
+    """First of ``spec.executables`` found on ``path`` (default: ``$PATH``); ``None`` on
+    a platform the viewer does not exist on."""
+    if spec.platforms and not sys.platform.startswith(spec.platforms):
+        return None
     for name in spec.executables:
         found = shutil.which(name, path=path)
         if found:

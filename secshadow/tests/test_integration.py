@@ -144,6 +144,15 @@ def test_untrusted_ums_certificate_exits_3(lab: Lab):
     assert names(events) == ["error"] and events[0]["code"] == "ums"
 
 
+def test_without_a_trust_flag_the_system_store_refuses_a_self_signed_ums(lab: Lab):
+    argv = lab.proxy_argv("--json", "--viewer", "none")
+    i = argv.index("--ums-fingerprint")
+    del argv[i:i + 2]
+    code, events, _ = run_proxy(argv)
+    assert code == 3
+    assert "--ums-fingerprint or --ums-ca" in events[-1]["message"]
+
+
 def test_unknown_device_at_ums_exits_3(lab: Lab):
     argv = lab.proxy_argv("--json", "--viewer", "none")
     argv[argv.index("--device") + 1] = "999"
@@ -188,6 +197,9 @@ def test_sigterm_while_waiting_closes_cleanly_and_exits_0(lab: Lab, tmp_path: Pa
     (["--secret-file", "-", "--tls-profile", "weak"], "invalid choice"),
     (["--secret-file", "-", "--viewer-command", "vncviewer {host}"], "{port} or {display}"),
     (["--secret-file", "-", "--connect-timeout", "-3"], "positive"),
+    (["--ums", "http://127.0.0.1:1", "--device", "1", "--ums-user", "u"], "unencrypted"),
+    (["--secret-file", "-", "--viewer", "no-such-viewer"], "unknown viewer"),
+    (["--secret-file", "-", "--listen", "bogus:1"], "not a server endpoint"),
 ])
 def test_usage_errors_exit_2_with_an_error_event(argv: list[str], fragment: str):
     code, events, stderr = run_proxy([*python_module("secshadow.cli"), "--json", *argv], stdin=b"{}")

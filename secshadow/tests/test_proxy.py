@@ -66,9 +66,18 @@ class FakeViewer:
         return succeed(None)
 
 
+class _Reactor(MemoryReactorClock):
+    """MemoryReactorClock whose fake ports report the interface they were asked for."""
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        listening = super().listenTCP(port, factory, backlog, interface)
+        listening._hostAddress = IPv4Address("TCP", interface or "0.0.0.0", 40123)
+        return listening
+
+
 class Harness:
     def __init__(self, **options: Any) -> None:
-        self.reactor = MemoryReactorClock()
+        self.reactor = _Reactor()
         self.links: list[FakeLink] = []
         self.events: list[events.Event] = []
         self.viewer = FakeViewer()
@@ -307,3 +316,15 @@ def test_terminator_follows_the_command(terminator: bytes):
     h = Harness(terminator=terminator)
     h.viewer_connects()
     assert h.links[0].commands == [f"PROCYCMD PW_{PASSWORD}".encode() + terminator]
+
+
+def test_listening_event_carries_the_loopback_port_and_no_warning():
+    h = Harness()
+    assert h.events[1] == events.Listening(host="127.0.0.1", port=40123)
+    assert not [e for e in h.events if isinstance(e, events.WarningEvent)]
+
+
+def test_a_non_loopback_listener_is_warned_about():
+    h = Harness(listen="tcp:0:interface=0.0.0.0")
+    warnings = [e for e in h.events if isinstance(e, events.WarningEvent)]
+    assert len(warnings) == 1 and "not on loopback" in warnings[0].message

@@ -104,12 +104,47 @@ def test_viewer_argv_without_the_executable(empty_dir: Path) -> None:
         viewer_argv(VIEWERS["tigervnc"], "127.0.0.1", PORT, path=str(empty_dir))
 
 
-@pytest.mark.parametrize("name", ["realvnc", "TigerVNC", "", "vncviewer"])
+@pytest.mark.parametrize("name", ["no-such-viewer", "TigerVNC", "", "vncviewer"])
 def test_unknown_viewer_name_is_a_usage_error(name: str, viewer_dir: Path) -> None:
     with pytest.raises(UsageError) as info:
         resolve_viewer(name, path=str(viewer_dir))
     assert not isinstance(info.value, ViewerError)
     assert "tigervnc" in str(info.value)
+
+
+# The argv of every known viewer, exactly (docs/protocol.md section 4: host::PORT for
+# the vncviewer family, vnc://host:PORT for URI viewers, a display offset for gvncviewer).
+ARGV_TABLE = [
+    ("tigervnc", "vncviewer", False, ["-ReconnectOnError=0", "-AlertOnFatalError=0", "127.0.0.1::6000"]),
+    ("realvnc", "vncviewer-realvnc", True,
+     ["-WarnUnencrypted=0", "-SendKeyEvents=0", "-SendPointerEvents=0", "127.0.0.1::6000"]),
+    ("tightvnc", "xtightvncviewer", True, ["-viewonly", "127.0.0.1::6000"]),
+    ("vinagre", "vinagre", False, ["127.0.0.1::6000"]),
+    ("remote-viewer", "remote-viewer", False, ["--title", "secshadow", "vnc://127.0.0.1:6000"]),
+    ("remmina", "remmina", False, ["-c", "vnc://127.0.0.1:6000"]),
+    ("krdc", "krdc", False, ["vnc://127.0.0.1:6000"]),
+    ("gvncviewer", "gvncviewer", False, ["127.0.0.1:100"]),
+]
+
+
+@pytest.mark.parametrize("name, executable, view_only, tail", ARGV_TABLE)
+def test_every_known_viewer_gets_its_exact_argv(name, executable, view_only, tail, empty_dir: Path) -> None:
+    _fake_executable(empty_dir, executable)
+    argv = viewer_argv(VIEWERS[name], "127.0.0.1", 6000, view_only=view_only, path=str(empty_dir))
+    assert argv == [str(empty_dir / executable), *tail]
+    assert not any("::1" in a for a in argv)
+
+
+def test_gvncviewer_cannot_express_a_port_below_5900(empty_dir: Path) -> None:
+    _fake_executable(empty_dir, "gvncviewer")
+    with pytest.raises(ViewerError, match="below 5900"):
+        viewer_argv(VIEWERS["gvncviewer"], "127.0.0.1", 5000, path=str(empty_dir))
+
+
+def test_platform_bound_viewers_are_not_found_elsewhere(empty_dir: Path) -> None:
+    _fake_executable(empty_dir, "open")  # on Linux, 'open' is not macOS Screen Sharing
+    with pytest.raises(ViewerError):
+        resolve_viewer("screensharing", path=str(empty_dir))
 
 
 # ---------------------------------------------------------------- templates
