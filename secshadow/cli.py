@@ -243,6 +243,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("choose one of --viewer NAME, --viewer-command TEMPLATE or --snapshot FILE")
     if args.viewer_command:
         validate_template(args.viewer_command)
+    if args.listen.startswith("tcp6:"):
+        raise UsageError("--listen: IPv6 listeners are not supported (viewers misread '::1' in host::port); "
+                         "use tcp:0:interface=127.0.0.1")
     if args.device_host is not None:
         parse_host(args.device_host, "--device-host")
 
