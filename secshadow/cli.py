@@ -17,7 +17,7 @@ import sys
 import traceback
 from typing import IO, Any, NoReturn, Sequence
 
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import (
     FilteringLogObserver,
@@ -33,8 +33,9 @@ from secshadow import events
 from secshadow.errors import SecretError, SecShadowError, UsageError, ViewerError
 from secshadow.pinning import TLSProfile
 from secshadow.procy import TERMINATORS, terminator_bytes
-from secshadow.proxy import SessionOptions, ShadowSession, ViewerHandle
-from secshadow.secret import ShadowSecret, load_secret, parse_host
+from secshadow.api import IMISource, SecretSource, StaticSecret, start_shadowing
+from secshadow.proxy import ViewerHandle
+from secshadow.secret import load_secret, parse_host
 from secshadow.viewers import (
     VIEWERS,
     launch,
@@ -64,6 +65,14 @@ def _positive(name: str, allow_zero: bool = False) -> Any:
             raise argparse.ArgumentTypeError(
                 f"{name} must be {'zero or ' if allow_zero else ''}a positive number of seconds")
         return value
+    return parse
+
+
+def _count(name: str) -> Any:
+    def parse(text: str) -> int:
+        if not text.isdigit() or not 1 <= int(text) <= 1000:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number from 1 to 1000")
+        return int(text)
     return parse
 
 
@@ -112,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--hello-timeout", metavar="S", type=_positive("--hello-timeout"), default=60.0)
     dev.add_argument("--idle-timeout", metavar="S", type=_positive("--idle-timeout", allow_zero=True),
                      default=0.0)
+    dev.add_argument("--max-viewers", metavar="N", type=_count("--max-viewers"), default=1,
+                     help="serve up to N viewers one after another, each with a fresh one-time "
+                          "password from the UMS (needs --ums; default 1)")
 
     view = parser.add_argument_group("the viewer")
     view.add_argument("--viewer", metavar="NAME", default="auto",
@@ -243,6 +255,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("choose one of --viewer NAME, --viewer-command TEMPLATE or --snapshot FILE")
     if args.viewer_command:
         validate_template(args.viewer_command)
+    if args.max_viewers > 1 and not from_ums:
+        raise UsageError("--max-viewers above 1 needs --ums: the one-time password of a --secret-file "
+                         "works once, and every further viewer needs a fresh one from the UMS")
     if args.listen.startswith("tcp6:"):
         raise UsageError("--listen: IPv6 listeners are not supported (viewers misread '::1' in host::port); "
                          "use tcp:0:interface=127.0.0.1")
@@ -250,8 +265,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
         parse_host(args.device_host, "--device-host")
 
 
-async def _load_secret(reactor: Any, args: argparse.Namespace, output: Output,
-                       stdin: IO[bytes]) -> tuple[ShadowSecret, str]:
+def _secret_source(reactor: Any, args: argparse.Namespace, output: Output, stdin: IO[bytes]) -> SecretSource:
+    """A :class:`StaticSecret` from ``--secret-file`` (read now, at most 1 MiB), or an
+    :class:`IMISource` for ``--ums`` (each fetch logs in and gets a fresh password)."""
     if args.secret_file is not None:
         if args.secret_file == "-":  # noqa: S105 - standard input
             data = stdin.read(1024 * 1024 + 1)
@@ -263,9 +279,8 @@ async def _load_secret(reactor: Any, args: argparse.Namespace, output: Output,
                 raise UsageError(f"cannot read --secret-file: {e.strerror}") from None
         if len(data) > 1024 * 1024:
             raise SecretError("the shadow secret is larger than 1 MiB")
-        return load_secret(data), "file"
+        return StaticSecret(load_secret(data))
 
-    from secshadow.imi import fetch_shadow_secret
     from secshadow.umstrust import UMSTrust
 
     password = _read_ums_password(args)
@@ -281,8 +296,21 @@ async def _load_secret(reactor: Any, args: argparse.Namespace, output: Output,
     else:
         trust = UMSTrust.system()
     output.say(f"fetching the shadow secret of device {args.device} from {args.ums}")
-    secret = await fetch_shadow_secret(reactor, args.ums, args.device, args.ums_user, password, trust)
-    return secret, "ums"
+    return IMISource(reactor, args.ums, args.device, args.ums_user, password, trust)
+
+
+def session_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`SessionOptions` fields the flags set (device host/port aside)."""
+    return {
+        "tls_profile": TLSProfile.parse(args.tls_profile),
+        "terminator": terminator_bytes(args.procy_terminator),
+        "listen": args.listen,
+        "connect_timeout": args.connect_timeout,
+        "viewer_timeout": args.viewer_timeout,
+        "hello_timeout": args.hello_timeout,
+        "idle_timeout": args.idle_timeout,
+        "max_viewers": args.max_viewers,
+    }
 
 
 class SnapshotViewer:
@@ -375,7 +403,7 @@ async def run(reactor: Any, argv: Sequence[str], stdin: IO[bytes], stdout: IO[st
 
 async def _run_checked(reactor: Any, args: argparse.Namespace, output: Output, stdin: IO[bytes],
                        install_signals: bool) -> int:
-    stopping: dict[str, Any] = {"reason": None, "session": None, "loading": None}
+    stopping: dict[str, Any] = {"reason": None, "shadowing": None}
 
     def on_signal(signum: int, frame: Any) -> None:
         reason = f"interrupted by {signal.Signals(signum).name}"
@@ -383,10 +411,8 @@ async def _run_checked(reactor: Any, args: argparse.Namespace, output: Output, s
 
     def stop(reason: str) -> None:
         stopping["reason"] = reason
-        if stopping["session"] is not None:
-            stopping["session"].stop(reason)
-        elif stopping["loading"] is not None:
-            stopping["loading"].cancel()
+        if stopping["shadowing"] is not None:
+            stopping["shadowing"].stop(reason)
 
     if install_signals:
         # Twisted installs its own SIGINT/SIGTERM handlers (which just stop the reactor)
@@ -409,38 +435,21 @@ async def _run_checked(reactor: Any, args: argparse.Namespace, output: Output, s
     if args.view_only and args.viewer_command:
         output.warn("--view-only has no effect with --viewer-command: put the viewer's own flag in the template")
 
-    loading = ensureDeferred(_load_secret(reactor, args, output, stdin))
-    stopping["loading"] = loading
-    try:
-        secret, source = await loading
-    except (CancelledError, SecShadowError):
-        if stopping["reason"] is None:
-            raise
-        # Interrupted while fetching: whatever the fetch reported, the user stopped it.
-        output.event(events.Closed(reason=stopping["reason"]))
-        return 0
-    stopping["loading"] = None
+    def on_event(event: events.Event) -> None:
+        if isinstance(event, events.SecretLoaded):
+            holder["title"] = f"secshadow: {event.device_host}"
+        output.event(event)
 
-    host = args.device_host or secret.host
-    if not host:
-        raise UsageError("the secret names no device address (no lastIP/host): pass --device-host")
-    port = args.device_port or secret.port or DEFAULT_DEVICE_PORT
-    holder["title"] = f"secshadow: {secret.device_name or host}"
-    output.event(events.SecretLoaded(source=source, device_host=host, device_port=port,
-                                     certificate_sha256=secret.certificate_sha256))
-    options = SessionOptions(
-        device_host=host, device_port=port, tls_profile=TLSProfile.parse(args.tls_profile),
-        terminator=terminator_bytes(args.procy_terminator), listen=args.listen,
-        connect_timeout=args.connect_timeout, viewer_timeout=args.viewer_timeout,
-        hello_timeout=args.hello_timeout, idle_timeout=args.idle_timeout,
-    )
+    source = _secret_source(reactor, args, output, stdin)
     if args.viewer == "none" and not args.snapshot and not args.viewer_command:
         output.say("--viewer none: connect your viewer to the port in the 'listening' event")
-    session = ShadowSession(reactor, secret, options, on_event=output.event, launch_viewer=launcher)
-    stopping["session"] = session
+    shadowing = start_shadowing(reactor, source, on_event=on_event, viewer=launcher,
+                                device_host=args.device_host, device_port=args.device_port,
+                                **session_options(args))
+    stopping["shadowing"] = shadowing
     if stopping["reason"]:
-        session.stop(stopping["reason"])
-    await session.start()
+        shadowing.stop(stopping["reason"])
+    await shadowing.done
     snapshot: SnapshotViewer | None = holder.get("snapshot")
     if snapshot is not None and stopping["reason"] is None:
         if snapshot.error is not None:

@@ -90,6 +90,17 @@ class Closed(Event):
 
 
 @dataclass(frozen=True)
+class ViewerClosed(Event):
+    """One viewer's session ended and the listener waits for the next one
+    (``max_viewers`` > 1). Byte counts are this viewer's."""
+
+    name: ClassVar[str] = "viewer-closed"
+    reason: str
+    bytes_to_viewer: int = 0
+    bytes_to_device: int = 0
+
+
+@dataclass(frozen=True)
 class Error(Event):
     """A failure; ``code`` is one of the contract's error codes."""
 

@@ -83,6 +83,9 @@ class SessionOptions:
     ``terminator``: bytes after the command (``b""``, ``b"\\n"`` or ``b"\\r\\n"``).
     ``listen``: Twisted server endpoint string for the viewer's side, loopback by default.
     ``idle_timeout``: 0 disables it.
+    ``max_viewers``: how many viewers, one after another, the session serves; each one
+    after the first needs a fresh secret (``refresh_secret``), since the password
+    works once. The listener stays open until the last one connected.
     """
 
     device_host: str
@@ -94,6 +97,7 @@ class SessionOptions:
     viewer_timeout: float = 60.0
     hello_timeout: float = 60.0
     idle_timeout: float = 0.0
+    max_viewers: int = 1
 
 
 class ViewerHandle(TypingProtocol):
@@ -111,6 +115,8 @@ class ViewerHandle(TypingProtocol):
 ViewerLauncher = Callable[[str, int], ViewerHandle]
 #: Opens a pinned device connection (reconnects call it again).
 DeviceConnector = Callable[[], "Deferred[DeviceLink]"]
+#: Fetches a fresh shadow secret (new one-time password) for the next viewer.
+SecretRefresher = Callable[[], "Deferred[ShadowSecret]"]
 
 
 class _ViewerConnection(Protocol):
@@ -166,6 +172,9 @@ class ShadowSession:
     ``launch_viewer``: optional; called with the listener's (host, port).
     ``connector``: optional; defaults to :func:`secshadow.tunnel.connect_pinned` with
     the options (tests inject fakes).
+    ``refresh_secret``: optional; fetches a fresh secret for each viewer after the first
+    (``options.max_viewers`` > 1). Without it, later viewers are refused with a warning
+    event: the one-time password was used.
 
     :meth:`start` returns a Deferred firing with the :class:`events.Closed` event
     after everything is closed and reaped, or failing with a :class:`SecShadowError`
@@ -180,6 +189,7 @@ class ShadowSession:
         on_event: events.EventSink = events.discard,
         launch_viewer: ViewerLauncher | None = None,
         connector: DeviceConnector | None = None,
+        refresh_secret: SecretRefresher | None = None,
     ) -> None:
         self._reactor = reactor
         self._clock: IReactorTime = reactor
@@ -188,6 +198,10 @@ class ShadowSession:
         self._emit = on_event
         self._launch_viewer = launch_viewer
         self._connector = connector or self._default_connector
+        self._refresh_secret = refresh_secret
+        self._served = 0
+        self._earlier_bytes = (0, 0)  # (to viewer, to device) of viewers already gone
+        self._retired: list[DeviceLink] = []
         self.state = SessionState.CONNECTING
         self._device: DeviceLink | None = None
         self._connecting: Deferred[DeviceLink] | None = None
@@ -309,19 +323,38 @@ class ShadowSession:
         if not self._accepting_viewer():
             conn.transport.abortConnection()  # type: ignore[union-attr]
             return
+        peer = conn.transport.getPeer()  # type: ignore[union-attr]
+        peer_text = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', 0)}"
+        if self._served > 0 and self._refresh_secret is None:
+            conn.transport.abortConnection()  # type: ignore[union-attr]
+            self._emit(events.WarningEvent(
+                message=f"refused the viewer connection from {peer_text}: the one-time password was "
+                        "used by the first viewer; another viewer needs a fresh secret from the UMS"))
+            return
+        self._served += 1
         self._viewer_conn = conn
         self._cancel_timer("viewer")
         # Hold the viewer until the device has answered: nothing to relay yet.
         conn.transport.pauseProducing()  # type: ignore[union-attr]
-        self._stop_listening()
-        peer = conn.transport.getPeer()  # type: ignore[union-attr]
-        self._emit(events.ViewerConnected(peer=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', 0)}"))
+        if self._served >= self.options.max_viewers:
+            self._stop_listening()
+        self._emit(events.ViewerConnected(peer=peer_text))
+        if self._served > 1:
+            assert self._refresh_secret is not None
+            log.info("viewer {n}: fetching a fresh one-time password", n=self._served)
+            self.state = SessionState.CONNECTING
+            self._refresh_secret().addCallback(self._use_fresh_secret).addCallbacks(self._on_repin, self._fail)
+            return
         if self._device is not None and self._device.alive:
             self._send_command()
             return
         log.info("the device closed the idle connection; reconnecting and pinning again")
         self.state = SessionState.CONNECTING
         self._connect_device().addCallbacks(self._on_repin, self._fail)
+
+    def _use_fresh_secret(self, secret: ShadowSecret) -> Deferred[DeviceLink]:
+        self._secret = secret
+        return self._connect_device()
 
     def _on_repin(self, link: DeviceLink) -> None:
         if self._finishing:
@@ -358,10 +391,14 @@ class ShadowSession:
         if self._splice is not None:
             self._splice.lost("right")
             return
-        self._close("viewer disconnected before the device answered")
+        self._viewer_done("viewer disconnected before the device answered")
 
     def _viewer_exited(self, status: int | None) -> None:
         if self._finishing:
+            return
+        if self._served > 0:
+            if self._viewer_conn is None:
+                self._close("the viewer exited")
             return
         if self._viewer_conn is None:
             self._fail(ViewerError(
@@ -421,7 +458,28 @@ class ShadowSession:
             self._set_timer("idle", self.options.idle_timeout, self._idle_check)
 
     def _relay_closed(self, side: str) -> None:
-        self._close("viewer disconnected" if side == "right" else "device closed the connection")
+        self._viewer_done("viewer disconnected" if side == "right" else "device closed the connection")
+
+    def _viewer_done(self, reason: str) -> None:
+        """One viewer's session ended: close the session, or wait for the next viewer."""
+        if self._served >= self.options.max_viewers:
+            self._close(reason)
+            return
+        splice = self._splice
+        sent = (splice.bytes_left_to_right, splice.bytes_right_to_left) if splice else (0, 0)
+        self._earlier_bytes = (self._earlier_bytes[0] + sent[0], self._earlier_bytes[1] + sent[1])
+        self._emit(events.ViewerClosed(reason=reason, bytes_to_viewer=sent[0], bytes_to_device=sent[1]))
+        for name in ("hello", "idle"):
+            self._cancel_timer(name)
+        if self._viewer_conn is not None and not self._viewer_conn.is_lost:
+            self._viewer_conn.transport.loseConnection()  # type: ignore[union-attr]
+        if self._device is not None:
+            self._retired.append(self._device)
+            self._device.close()
+        self._splice = self._hello = self._viewer_conn = self._device = None
+        self._viewer_pending = b""
+        self.state = SessionState.LISTENING
+        self._set_timer("viewer", self.options.viewer_timeout, self._viewer_timed_out)
 
     def _idle_check(self) -> None:
         assert self._splice is not None
@@ -448,6 +506,9 @@ class ShadowSession:
             call.cancel()
 
     def _viewer_timed_out(self) -> None:
+        if self._served > 0:
+            self._close(f"no further viewer within {self.options.viewer_timeout:g} s")
+            return
         self._fail(ViewerError(f"no viewer connected within {self.options.viewer_timeout:g} s (--viewer-timeout)"))
 
     def _hello_timed_out(self) -> None:
@@ -460,10 +521,11 @@ class ShadowSession:
         if self._finishing:
             return
         splice = self._splice
+        earlier_to_viewer, earlier_to_device = self._earlier_bytes
         closed = events.Closed(
             reason=reason,
-            bytes_to_viewer=splice.bytes_left_to_right if splice else 0,
-            bytes_to_device=splice.bytes_right_to_left if splice else 0,
+            bytes_to_viewer=earlier_to_viewer + (splice.bytes_left_to_right if splice else 0),
+            bytes_to_device=earlier_to_device + (splice.bytes_right_to_left if splice else 0),
             duration_s=round(self._clock.seconds() - self._started_at, 3),
         )
 
@@ -497,6 +559,9 @@ class ShadowSession:
         if self._viewer_conn is not None and not self._viewer_conn.is_lost:
             waits.append(self._close_connection(self._viewer_conn.when_lost(),
                                                 self._viewer_conn.transport, abort))
+        for link in self._retired:
+            if not link.is_lost:
+                waits.append(self._close_connection(link.when_lost(), link.transport, abort))
         if self._viewer is not None:
             waits.append(self._viewer.terminate())
         return DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)

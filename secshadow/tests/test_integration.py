@@ -126,6 +126,31 @@ def test_one_time_password_is_single_use(lab: Lab, tmp_path: Path):
     assert not (tmp_path / "b.png").exists()
 
 
+def test_a_second_viewer_gets_a_fresh_password_from_the_ums(lab: Lab, tmp_path: Path):
+    accepted_before = len(lab.device.named("procycmd"))
+    proxy = ManagedProcess("reconnect-proxy", lab.proxy_argv("--json", "--viewer", "none", "--max-viewers", "2"),
+                           tmp_path, env=child_environment())
+    listening = proxy.wait_for("listening")
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", listening["port"]), timeout=10) as viewer:
+            assert _recv_exactly(viewer, 12) == b"RFB 003.008\n"
+        if _ == 0:
+            proxy.wait_for("viewer-closed")
+    assert proxy.process.wait(timeout=20) == 0
+    proxy.stop()
+    assert names(proxy.events) == ["secret", "pinned", "listening", "viewer-connected", "session-started",
+                                   "viewer-closed", "viewer-connected", "secret", "pinned", "session-started",
+                                   "closed"]
+    verdicts = lab.device.named("procycmd")[accepted_before:]
+    assert [v["accepted"] for v in verdicts] == [True, True]  # two passwords, each valid once
+
+
+def test_max_viewers_with_a_file_secret_is_refused_up_front(lab: Lab):
+    code, events, _ = run_proxy([*python_module("secshadow.cli"), "--json", "--secret-file", "-",
+                                 "--max-viewers", "2"], stdin=secret_json(lab, "p" * 36))
+    assert code == 2 and "works once" in events[-1]["message"]
+
+
 def test_unreachable_device_exits_4(lab: Lab):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

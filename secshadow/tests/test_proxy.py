@@ -76,7 +76,7 @@ class _Reactor(MemoryReactorClock):
 
 
 class Harness:
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, refresh: Any = None, **options: Any) -> None:
         self.reactor = _Reactor()
         self.links: list[FakeLink] = []
         self.events: list[events.Event] = []
@@ -85,6 +85,7 @@ class Harness:
         self.session = ShadowSession(
             self.reactor, SECRET, SessionOptions(device_host="10.0.0.5", **options),
             on_event=self.events.append, launch_viewer=self.launch, connector=self.connect,
+            refresh_secret=refresh,
         )
         self.outcome: list[Any] = []
         self.session.start().addBoth(self.outcome.append)
@@ -328,3 +329,56 @@ def test_a_non_loopback_listener_is_warned_about():
     h = Harness(listen="tcp:0:interface=0.0.0.0")
     warnings = [e for e in h.events if isinstance(e, events.WarningEvent)]
     assert len(warnings) == 1 and "not on loopback" in warnings[0].message
+
+
+SECOND_PASSWORD = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+
+
+def test_a_second_viewer_gets_a_fresh_password_and_its_own_device_connection():
+    refreshed: list[int] = []
+
+    def refresh() -> Deferred[ShadowSecret]:
+        refreshed.append(1)
+        return succeed(ShadowSecret(SECRET.certificate_der, OneTimePassword(SECOND_PASSWORD), "10.0.0.5", 5900))
+
+    h = Harness(refresh=refresh, max_viewers=2, viewer_timeout=30)
+    first = h.viewer_connects()
+    h.links[0].dataReceived(b"RFB 003.008\n")
+    first.transport.loseConnection()
+    assert h.outcome == []  # the session waits for the next viewer
+    assert h.names()[-1] == "viewer-closed"
+    assert h.session.state is SessionState.LISTENING
+    h.viewer_connects(port=51300)
+    assert refreshed == [1]
+    assert h.links[1].commands == [f"PROCYCMD PW_{SECOND_PASSWORD}".encode()]
+    assert h.links[0].commands == [f"PROCYCMD PW_{PASSWORD}".encode()]  # no reuse of the used password
+    h.links[1].dataReceived(b"RFB 003.008\n")
+    h.links[1].transport.loseConnection()
+    closed = h.result()
+    assert isinstance(closed, events.Closed) and closed.reason == "device closed the connection"
+    assert closed.bytes_to_viewer == 24  # both greetings
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_without_a_fresh_secret_a_later_viewer_is_refused_with_a_reason():
+    h = Harness(max_viewers=2)
+    first = h.viewer_connects()
+    h.links[0].dataReceived(b"RFB 003.008\n")
+    first.transport.loseConnection()
+    second = h.viewer_connects(port=51301)
+    assert second is not None and not second.transport.connected
+    assert second.transport.value() == b""
+    warning = [e for e in h.events if isinstance(e, events.WarningEvent)][-1]
+    assert "one-time password was used" in warning.message
+    assert len(h.links) == 1  # no new device connection, no password sent anywhere
+
+
+def test_no_further_viewer_ends_the_session_normally():
+    h = Harness(refresh=lambda: succeed(SECRET), max_viewers=3, viewer_timeout=20)
+    first = h.viewer_connects()
+    h.links[0].dataReceived(b"RFB 003.008\n")
+    first.transport.loseConnection()
+    h.reactor.advance(20)
+    closed = h.result()
+    assert isinstance(closed, events.Closed) and closed.reason == "no further viewer within 20 s"
+    assert h.reactor.getDelayedCalls() == []
