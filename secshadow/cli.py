@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--snapshot", metavar="FILE",
                       help="instead of a viewer, save one full frame through the tunnel as PNG and exit")
     view.add_argument("--json", action="store_true", help="JSON events on standard output, one per line")
+    parser.add_argument("--control", choices=["stdio"],
+                        help="long-running mode: JSON-lines requests on stdin open and close many sessions "
+                             "(see docs/cli.md, Control mode)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages on standard error")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on standard error")
     return parser
@@ -234,7 +237,22 @@ def _read_ums_password(args: argparse.Namespace) -> str:
     return password
 
 
+def _check_control_arguments(args: argparse.Namespace) -> None:
+    for flag, value in (("--secret-file", args.secret_file), ("--device", args.device),
+                        ("--snapshot", args.snapshot), ("--viewer-command", args.viewer_command)):
+        if value:
+            raise UsageError(f"{flag} does not apply to --control stdio: give it per session in the 'open' request")
+    if args.ums is not None and not args.ums_user:
+        raise UsageError("--ums needs --ums-user")
+    if args.ums is not None and args.ums.lower().startswith("http://") and not args.ums_insecure:
+        raise UsageError("--ums uses plain http://, which would carry the device password and "
+                         "the IMI password unencrypted; use https:// (or, knowingly, --ums-insecure)")
+
+
 def _check_arguments(args: argparse.Namespace) -> None:
+    if args.control:
+        _check_control_arguments(args)
+        return
     from_ums = args.ums is not None or args.device is not None
     if from_ums and args.secret_file is not None:
         raise UsageError("give either --ums/--device or --secret-file, not both")
@@ -281,6 +299,13 @@ def _secret_source(reactor: Any, args: argparse.Namespace, output: Output, stdin
             raise SecretError("the shadow secret is larger than 1 MiB")
         return StaticSecret(load_secret(data))
 
+    password, trust = _imi_access(args, output)
+    output.say(f"fetching the shadow secret of device {args.device} from {args.ums}")
+    return IMISource(reactor, args.ums, args.device, args.ums_user, password, trust)
+
+
+def _imi_access(args: argparse.Namespace, output: Output) -> tuple[str, Any]:
+    """The IMI password (file or environment) and the UMS trust the flags ask for."""
     from secshadow.umstrust import UMSTrust
 
     password = _read_ums_password(args)
@@ -295,8 +320,7 @@ def _secret_source(reactor: Any, args: argparse.Namespace, output: Output, stdin
         trust = UMSTrust.from_ca_file(args.ums_ca)
     else:
         trust = UMSTrust.system()
-    output.say(f"fetching the shadow secret of device {args.device} from {args.ums}")
-    return IMISource(reactor, args.ums, args.device, args.ums_user, password, trust)
+    return password, trust
 
 
 def session_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -388,6 +412,8 @@ async def run(reactor: Any, argv: Sequence[str], stdin: IO[bytes], stdout: IO[st
         if start_logging:
             _start_logging(output, args.verbose)
         _check_arguments(args)
+        if args.control:
+            return await _run_control(reactor, args, output, install_signals)
         return await _run_checked(reactor, args, output, stdin, install_signals)
     except SecShadowError as e:
         output.event(events.Error(code=e.code, message=e.message))
@@ -405,24 +431,13 @@ async def _run_checked(reactor: Any, args: argparse.Namespace, output: Output, s
                        install_signals: bool) -> int:
     stopping: dict[str, Any] = {"reason": None, "shadowing": None}
 
-    def on_signal(signum: int, frame: Any) -> None:
-        reason = f"interrupted by {signal.Signals(signum).name}"
-        reactor.callFromThread(stop, reason)
-
     def stop(reason: str) -> None:
         stopping["reason"] = reason
         if stopping["shadowing"] is not None:
             stopping["shadowing"].stop(reason)
 
     if install_signals:
-        # Twisted installs its own SIGINT/SIGTERM handlers (which just stop the reactor)
-        # during start-up; ours replace them once the reactor runs, so a signal closes
-        # the session cleanly and reports it.
-        def install() -> None:
-            signal.signal(signal.SIGINT, on_signal)
-            signal.signal(signal.SIGTERM, on_signal)
-
-        reactor.callLater(0, install)
+        _install_signals(reactor, stop)
 
     # Check everything that can be checked before a one-time password is fetched
     # (each fetch spends one): the viewer and the listener endpoint.
@@ -457,6 +472,43 @@ async def _run_checked(reactor: Any, args: argparse.Namespace, output: Output, s
         if snapshot.size is None:
             raise ViewerError("--snapshot: the session ended before a full frame arrived")
         output.say(f"saved a {snapshot.size[0]}x{snapshot.size[1]} snapshot to {args.snapshot}")
+    return 0
+
+
+def _install_signals(reactor: Any, stop: Any) -> None:
+    """Our SIGINT/SIGTERM handlers replace Twisted's (which just stop the reactor) once
+    it runs, so a signal closes sessions cleanly and reports it."""
+
+    def on_signal(signum: int, frame: Any) -> None:
+        reactor.callFromThread(stop, f"interrupted by {signal.Signals(signum).name}")
+
+    def install() -> None:
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+
+    reactor.callLater(0, install)
+
+
+async def _run_control(reactor: Any, args: argparse.Namespace, output: Output, install_signals: bool) -> int:
+    """``--control stdio``: serve JSON-lines requests until shutdown or end of input."""
+    from secshadow.control import Controller, serve_stdio
+
+    ums = None
+    if args.ums is not None:
+        password, trust = _imi_access(args, output)
+
+        def ums(device: str) -> IMISource:
+            return IMISource(reactor, args.ums, device, args.ums_user, password, trust)
+
+    defaults = session_options(args)
+    controller, close = serve_stdio(
+        reactor, lambda write: Controller(reactor, write, output.say, defaults, ums,
+                                          device_host=args.device_host, device_port=args.device_port))
+    if install_signals:
+        _install_signals(reactor, controller.shutdown)
+    output.say("control mode: reading JSON requests on standard input")
+    await controller.finished
+    await close()
     return 0
 
 

@@ -94,7 +94,8 @@ class ManagedProcess:
         return [e for e in self.events if e.get("event") == name]
 
     def log_tail(self, lines: int = 20) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         text = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
 
