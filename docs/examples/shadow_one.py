@@ -1,0 +1,50 @@
+"""Shadow one device from its IMI id, awaiting the result (async/await style).
+
+    python docs/examples/shadow_one.py https://ums.example:8443 27 admin FINGERPRINT [DEVICE_PORT]
+    (IMI password in $SECSHADOW_UMS_PASSWORD; the viewer: the first one installed)
+
+Every event is a typed object from secshadow.events; as_dict() is the CLI's JSON.
+"""
+
+import os
+import sys
+
+from twisted.internet import task
+from twisted.internet.defer import ensureDeferred
+
+from secshadow import events
+from secshadow.api import IMISource, start_shadowing
+from secshadow.errors import SecShadowError
+from secshadow.umstrust import UMSTrust
+from secshadow.viewers import launch, resolve_viewer, viewer_argv
+
+
+def on_event(event: events.Event) -> None:
+    match event:
+        case events.Listening(host=host, port=port):
+            print(f"viewer port: {host}:{port}")
+        case events.SessionStarted(rfb_version=version):
+            print(f"the device accepted the password ({version})")
+        case _:
+            print(event.as_dict())
+
+
+async def main(reactor, url: str, device: str, user: str, fingerprint: str, port: str = "5900") -> int:
+    source = IMISource(reactor, url, device, user, os.environ["SECSHADOW_UMS_PASSWORD"],
+                       UMSTrust.from_fingerprint(fingerprint))
+    spec = resolve_viewer("auto")
+    shadowing = start_shadowing(
+        reactor, source, on_event=on_event, device_port=int(port),
+        viewer=lambda host, port: launch(reactor, spec.name, viewer_argv(spec, host, port)),
+    )
+    try:
+        closed = await shadowing.done
+    except SecShadowError as e:
+        print(f"failed ({e.code}): {e}")
+        return e.exit_code
+    print(f"closed: {closed.reason}, {closed.bytes_to_viewer} bytes to the viewer")
+    return 0
+
+
+if __name__ == "__main__":
+    task.react(lambda reactor: ensureDeferred(main(reactor, *sys.argv[1:6])))
