@@ -36,7 +36,7 @@ def main(reactor, seconds: str, *paths: str):
         shadowings.append(shadowing)
 
     def report(results):
-        for path, (ok, value) in zip(paths, results):
+        for path, (ok, value) in zip(paths, results, strict=True):
             print(path, "->", value.reason if ok else f"failed: {value.getErrorMessage()}", flush=True)
 
     return DeferredList([s.done for s in shadowings], consumeErrors=True).addCallback(report)
