@@ -52,7 +52,19 @@ UMS_PASSWORD_ENV = "SECSHADOW_UMS_PASSWORD"  # noqa: S105 - a variable name
 
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
+        raise UsageError(_redact_unrecognized(message))
+
+
+def _redact_unrecognized(message: str) -> str:
+    """argparse quotes unrecognised arguments; a password put on argv by mistake
+    (``--ums-password X``) must not travel on into an error event or a log. Option
+    names stay; everything else becomes ``<value>``."""
+    prefix = "unrecognized arguments: "
+    if not message.startswith(prefix):
+        return message
+    shown = [token.split("=", 1)[0] + ("=<value>" if "=" in token else "") if token.startswith("-")
+             else "<value>" for token in message[len(prefix):].split()]
+    return f"unrecognized arguments: {' '.join(shown)} (values not shown: they may hold a secret)"
 
 
 def _positive(name: str, allow_zero: bool = False) -> Any:
@@ -130,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"auto, none, or one of: {', '.join(VIEWERS)}")
     view.add_argument("--viewer-command", metavar="TEMPLATE",
                       help="custom viewer command with {host} {port} {display} {title}")
-    view.add_argument("--view-only", action="store_true", help="ask the viewer for view-only mode")
+    view.add_argument("--view-only", action="store_true",
+                      help="ask the viewer for view-only mode (a viewer without one is refused)")
+    view.add_argument("--full-screen", action="store_true", help="ask the viewer for full-screen mode")
     view.add_argument("--snapshot", metavar="FILE",
                       help="instead of a viewer, save one full frame through the tunnel as PNG and exit")
     view.add_argument("--json", action="store_true", help="JSON events on standard output, one per line")
@@ -395,10 +409,12 @@ def _make_launcher(reactor: Any, args: argparse.Namespace, holder: dict[str, Any
         return custom
     if args.viewer == "none":
         return None
-    spec = resolve_viewer(args.viewer)
+    spec = resolve_viewer(args.viewer, view_only=args.view_only)
 
     def known(host: str, port: int) -> ViewerHandle:
-        return launch(reactor, spec.name, viewer_argv(spec, host, port, view_only=args.view_only))
+        return launch(reactor, spec.name, viewer_argv(
+            spec, host, port, view_only=args.view_only, full_screen=args.full_screen,
+            title=holder.get("title", "secshadow")))
     return known
 
 
@@ -445,7 +461,7 @@ async def _run_checked(reactor: Any, args: argparse.Namespace, output: Output, s
     launcher = _make_launcher(reactor, args, holder)
     try:
         serverFromString(reactor, args.listen)
-    except (ValueError, TypeError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - parsers raise anything (ssl: reads files); all mean "bad flag"
         raise UsageError(f"--listen {args.listen!r} is not a server endpoint: {e}") from None
     if args.view_only and args.viewer_command:
         output.warn("--view-only has no effect with --viewer-command: put the viewer's own flag in the template")

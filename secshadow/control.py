@@ -207,10 +207,11 @@ class Controller:
             return None
         if not isinstance(name, str):
             raise UsageError("'viewer' must be a viewer name")
-        spec = resolve_viewer(name)
         view_only = bool(request.get("view_only", False))
-        return lambda host, port: launch(self._reactor, spec.name,
-                                         viewer_argv(spec, host, port, view_only=view_only))
+        full_screen = bool(request.get("full_screen", False))
+        spec = resolve_viewer(name, view_only=view_only)
+        return lambda host, port: launch(self._reactor, spec.name, viewer_argv(
+            spec, host, port, view_only=view_only, full_screen=full_screen))
 
     def _close(self, session: str) -> None:
         self.sessions[session].stop("closed by the console")

@@ -269,7 +269,7 @@ class ShadowSession:
     def _open_listener(self) -> None:
         try:
             endpoint = serverFromString(self._reactor, self.options.listen)
-        except (ValueError, TypeError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 - parsers raise anything (ssl: reads files)
             self._fail(UsageError(f"--listen {self.options.listen!r} is not a server endpoint: {e}"))
             return
         endpoint.listen(_ViewerFactory(self)).addCallbacks(self._on_listening, self._on_listen_error)

@@ -139,7 +139,7 @@ def parse_certificate(text: str) -> bytes:
         raise SecretError("the shadow secret's certificate decodes to nothing")
     try:
         x509.load_der_x509_certificate(der)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, x509.InvalidVersion):
         raise SecretError("the shadow secret's certificate is not a valid X.509 certificate") from None
     return der
 

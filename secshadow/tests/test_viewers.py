@@ -396,3 +396,300 @@ def test_viewer_output_goes_to_the_log_not_to_stdout(capfd: pytest.CaptureFixtur
     captured = capfd.readouterr()
     assert "out-line-1" not in captured.out and "err-line-2" not in captured.out
     assert "out-line-1" not in captured.err and "err-line-2" not in captured.err
+
+
+# ---------------------------------------------------------------- registry: every viewer, every platform
+
+from fnmatch import fnmatchcase  # noqa: E402
+
+from secshadow.viewers import (  # noqa: E402
+    AUTO_ORDER,
+    LINUX,
+    MACOS,
+    WINDOWS,
+    System,
+    find_executable,
+    install_argv,
+    locate,
+    markdown_tables,
+    platform_family,
+)
+
+
+def fake_system(platform: str, files: set[str], path: str = "", environ: dict[str, str] | None = None,
+                links: dict[str, str] | None = None) -> System:
+    """Another machine: its platform, PATH, environment and executable files."""
+    return System(
+        platform=platform, path=path, environ=environ or {},
+        glob=lambda pattern: [f for f in files if fnmatchcase(f, pattern)],
+        is_executable=lambda p: p in files,
+        realpath=lambda p: (links or {}).get(p, p),
+    )
+
+
+LINUX_BIN = "/usr/bin"
+WIN_PATH = r"C:\Windows\system32;C:\Windows"
+
+# Where each viewer is installed on each platform (one typical path).
+INSTALLED = {
+    ("tigervnc", "linux"): "/usr/bin/xtigervncviewer",
+    ("tigervnc", "win32"): r"C:\Program Files\TigerVNC\vncviewer.exe",
+    ("tigervnc", "darwin"): "/Applications/TigerVNC Viewer 1.13.1.app/Contents/MacOS/TigerVNC Viewer",
+    ("realvnc", "linux"): "/usr/bin/vncviewer-realvnc",
+    ("realvnc", "win32"): r"C:\Program Files\RealVNC\VNC Viewer\vncviewer.exe",
+    ("realvnc", "darwin"): "/Applications/VNC Viewer.app/Contents/MacOS/vncviewer",
+    ("tightvnc", "linux"): "/usr/bin/xtightvncviewer",
+    ("tightvnc", "win32"): r"C:\Program Files\TightVNC\tvnviewer.exe",
+    ("ultravnc", "win32"): r"C:\Program Files\uvnc bvba\UltraVNC\vncviewer.exe",
+    ("remote-viewer", "linux"): "/usr/bin/remote-viewer",
+    ("remote-viewer", "win32"): r"C:\Program Files\VirtViewer v11.0-256\bin\remote-viewer.exe",
+    ("remote-viewer", "darwin"): "/usr/bin/remote-viewer",
+    ("remmina", "linux"): "/usr/bin/remmina",
+    ("gvncviewer", "linux"): "/usr/bin/gvncviewer",
+    ("vinagre", "linux"): "/usr/bin/vinagre",
+    ("krdc", "linux"): "/usr/bin/krdc",
+    ("screensharing", "darwin"): "/usr/bin/open",
+}
+EXTRA_FILES = {"/System/Library/CoreServices/Applications/Screen Sharing.app"}
+
+H, P = "127.0.0.1", 45678
+A = f"{H}::{P}"
+U = f"vnc://{H}:{P}"
+# (viewer, sys.platform, view_only, full_screen, exact argv after the executable)
+EXACT_ARGV = [
+    ("tigervnc", "linux", False, False, ["-ReconnectOnError=0", "-AlertOnFatalError=0", A]),
+    ("tigervnc", "linux", True, True, ["-ReconnectOnError=0", "-AlertOnFatalError=0", "-ViewOnly", "-FullScreen", A]),
+    ("tigervnc", "win32", True, False, ["-ReconnectOnError=0", "-AlertOnFatalError=0", "-ViewOnly", A]),
+    ("tigervnc", "darwin", False, True, ["-ReconnectOnError=0", "-AlertOnFatalError=0", "-FullScreen", A]),
+    ("realvnc", "linux", False, False, ["-WarnUnencrypted=0", A]),
+    ("realvnc", "win32", True, True,
+     ["-WarnUnencrypted=0", "-SendKeyEvents=0", "-SendPointerEvents=0", "-FullScreen=1", A]),
+    ("realvnc", "darwin", True, False, ["-WarnUnencrypted=0", "-SendKeyEvents=0", "-SendPointerEvents=0", A]),
+    ("tightvnc", "linux", True, True, ["-viewonly", "-fullscreen", A]),
+    ("tightvnc", "linux", False, False, [A]),
+    ("tightvnc", "win32", False, False, [f"-host={H}", f"-port={P}"]),
+    ("tightvnc", "win32", True, True, [f"-host={H}", f"-port={P}", "-viewonly=yes", "-fullscreen=yes"]),
+    ("ultravnc", "win32", False, False, [A]),
+    ("ultravnc", "win32", True, True, ["-viewonly", "-fullscreen", A]),
+    ("remote-viewer", "linux", False, False, ["--title", "T", U]),
+    ("remote-viewer", "linux", False, True, ["--title", "T", "--full-screen", U]),
+    ("remote-viewer", "win32", False, True, ["--title", "T", "--full-screen", U]),
+    ("remote-viewer", "darwin", False, False, ["--title", "T", U]),
+    ("remmina", "linux", False, False, ["-c", U]),
+    ("remmina", "linux", False, True, ["--enable-fullscreen", "-c", U]),
+    ("gvncviewer", "linux", False, False, [f"{H}:{P - 5900}"]),
+    ("gvncviewer", "linux", False, True, [f"{H}:{P - 5900}"]),  # no full-screen flag: ignored
+    ("vinagre", "linux", False, False, [A]),
+    ("vinagre", "linux", False, True, ["--fullscreen", A]),
+    ("krdc", "linux", False, False, [U]),
+    ("krdc", "linux", False, True, ["--fullscreen", U]),
+    ("screensharing", "darwin", False, False, ["-W", "-n", "-a", "Screen Sharing", U]),
+]
+
+
+def _machine(platform: str) -> System:
+    family = platform_family(platform)
+    files = {p for (_, plat), p in INSTALLED.items() if platform_family(plat) == family} | EXTRA_FILES
+    path = {LINUX: LINUX_BIN, MACOS: "/usr/bin:/bin", WINDOWS: WIN_PATH}[family]
+    return fake_system(platform, files, path=path)
+
+
+@pytest.mark.parametrize("name, platform, view_only, full_screen, tail", EXACT_ARGV)
+def test_exact_argv_for_every_viewer_and_platform(name, platform, view_only, full_screen, tail) -> None:
+    argv = viewer_argv(VIEWERS[name], H, P, view_only=view_only, title="T", full_screen=full_screen,
+                       system=_machine(platform))
+    assert argv == [INSTALLED[(name, platform)], *tail]
+    assert not any("::1" in a for a in argv)
+
+
+def test_every_viewer_and_platform_has_an_exact_argv_test() -> None:
+    covered = {(name, platform_family(plat)) for name, plat, *_ in EXACT_ARGV}
+    registry = {(spec.name, install.platform) for spec in VIEWERS.values() for install in spec.installs}
+    assert covered == registry
+    assert set(AUTO_ORDER) == set(VIEWERS)
+
+
+@pytest.mark.parametrize("name, platform", sorted(INSTALLED))
+def test_each_viewer_is_detected_where_it_is_usually_installed(name: str, platform: str) -> None:
+    system = _machine(platform)
+    assert find_executable(VIEWERS[name], system=system) == INSTALLED[(name, platform)]
+    assert resolve_viewer(name, system=system).name == name
+    # ... and only there: on an empty machine of the same platform it is not installed.
+    with pytest.raises(ViewerError, match="not installed"):
+        resolve_viewer(name, system=fake_system(platform, set()))
+
+
+@pytest.mark.parametrize("name, platform", [("ultravnc", "linux"), ("ultravnc", "darwin"), ("remmina", "win32"),
+                                            ("screensharing", "linux"), ("screensharing", "win32"),
+                                            ("tightvnc", "darwin"), ("gvncviewer", "win32")])
+def test_a_viewer_on_a_platform_it_does_not_exist_on(name: str, platform: str) -> None:
+    with pytest.raises(ViewerError, match="does not exist on"):
+        resolve_viewer(name, system=_machine(platform))
+    assert find_executable(VIEWERS[name], system=_machine(platform)) is None
+
+
+def test_platform_family() -> None:
+    assert [platform_family(p) for p in ("linux", "freebsd14", "win32", "cygwin", "darwin")] == [
+        LINUX, LINUX, WINDOWS, WINDOWS, MACOS]
+
+
+def test_macos_tigervnc_bundle_with_a_changing_name_newest_version_wins() -> None:
+    old = "/Applications/TigerVNC Viewer 1.9.0.app/Contents/MacOS/TigerVNC Viewer"
+    new = "/Applications/TigerVNC Viewer 1.13.1.app/Contents/MacOS/TigerVNC Viewer"
+    system = fake_system("darwin", {old, new}, path="/usr/bin:/bin")
+    assert find_executable(VIEWERS["tigervnc"], system=system) == new  # 13 > 9, not string order
+    unversioned = "/Applications/TigerVNC Viewer.app/Contents/MacOS/TigerVNC Viewer"
+    assert find_executable(VIEWERS["tigervnc"], system=fake_system("darwin", {unversioned})) == unversioned
+    home = "/Users/ann/Applications/TigerVNC Viewer 1.15.0.app/Contents/MacOS/TigerVNC Viewer"
+    system = fake_system("darwin", {home}, environ={"HOME": "/Users/ann"})
+    assert find_executable(VIEWERS["tigervnc"], system=system) == home
+
+
+def test_macos_tigervnc_on_the_path_comes_before_the_bundle() -> None:
+    bundle = "/Applications/TigerVNC Viewer 1.13.1.app/Contents/MacOS/TigerVNC Viewer"
+    system = fake_system("darwin", {bundle, "/opt/homebrew/bin/vncviewer"}, path="/opt/homebrew/bin:/usr/bin")
+    assert find_executable(VIEWERS["tigervnc"], system=system) == "/opt/homebrew/bin/vncviewer"
+
+
+def test_windows_program_files_comes_from_the_environment() -> None:
+    exe = r"D:\Apps\TightVNC\tvnviewer.exe"
+    system = fake_system("win32", {exe}, environ={"ProgramFiles": r"D:\Apps"})
+    assert viewer_argv(VIEWERS["tightvnc"], H, P, system=system) == [exe, f"-host={H}", f"-port={P}"]
+    x86 = r"C:\Program Files (x86)\uvnc bvba\UltraVNC\vncviewer.exe"
+    assert find_executable(VIEWERS["ultravnc"], system=fake_system("win32", {x86})) == x86
+
+
+def test_windows_path_search_uses_semicolons_and_backslashes() -> None:
+    exe = r"C:\Tools\tvnviewer.exe"
+    system = fake_system("win32", {exe}, path=r"C:\Windows;C:\Tools")
+    assert find_executable(VIEWERS["tightvnc"], system=system) == exe
+
+
+def test_windows_vncviewer_exe_on_the_path_is_ambiguous_and_not_guessed() -> None:
+    # TigerVNC, UltraVNC and RealVNC all ship a vncviewer.exe: only install folders count.
+    system = fake_system("win32", {r"C:\Tools\vncviewer.exe"}, path=r"C:\Tools")
+    for name in ("tigervnc", "ultravnc", "realvnc"):
+        assert find_executable(VIEWERS[name], system=system) is None
+
+
+def test_screensharing_needs_the_app_as_well_as_open() -> None:
+    assert find_executable(VIEWERS["screensharing"], system=fake_system("darwin", {"/usr/bin/open"})) is None
+    sonoma = fake_system("darwin", {"/usr/bin/open", "/System/Applications/Utilities/Screen Sharing.app"})
+    assert find_executable(VIEWERS["screensharing"], system=sonoma) == "/usr/bin/open"
+
+
+def test_debian_vncviewer_alternative_pointing_at_tightvnc_is_not_tigervnc(tmp_path: Path) -> None:
+    real = _fake_executable(tmp_path, "xtightvncviewer")
+    (tmp_path / "vncviewer").symlink_to(real)
+    assert find_executable(VIEWERS["tigervnc"], path=str(tmp_path)) is None
+    assert find_executable(VIEWERS["tightvnc"], path=str(tmp_path)) == str(real)
+    with pytest.raises(ViewerError):
+        resolve_viewer("tigervnc", path=str(tmp_path))
+    assert resolve_viewer("auto", path=str(tmp_path)).name == "tightvnc"
+
+
+def test_debian_vncviewer_alternative_pointing_at_tigervnc_is_tigervnc(tmp_path: Path) -> None:
+    real = _fake_executable(tmp_path, "xtigervncviewer")
+    (tmp_path / "vncviewer").symlink_to(real)
+    assert find_executable(VIEWERS["tigervnc"], path=str(tmp_path)) == str(real)  # the real name first
+
+
+@pytest.mark.parametrize("platform, expected", [
+    ("linux", "tigervnc"), ("win32", "tigervnc"), ("darwin", "tigervnc"),
+])
+def test_auto_takes_the_first_found_in_order(platform: str, expected: str) -> None:
+    assert resolve_viewer("auto", system=_machine(platform)).name == expected
+
+
+def test_auto_order_on_each_platform() -> None:
+    only = {
+        "win32": ({r"C:\Program Files\uvnc bvba\UltraVNC\vncviewer.exe",
+                   r"C:\Program Files\TightVNC\tvnviewer.exe"}, "tightvnc"),
+        "darwin": ({"/usr/bin/open", "/System/Applications/Utilities/Screen Sharing.app"}, "screensharing"),
+        "linux": ({"/usr/bin/remmina", "/usr/bin/gvncviewer"}, "gvncviewer"),
+    }
+    for platform, (files, expected) in only.items():
+        assert resolve_viewer("auto", system=fake_system(platform, files, path="/usr/bin")).name == expected
+
+
+def test_auto_says_which_viewer_it_took() -> None:
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        resolve_viewer("auto", system=_machine("darwin"))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    texts = [formatEvent(e) for e in events]
+    assert any("--viewer auto: using tigervnc" in t and "TigerVNC Viewer 1.13.1.app" in t for t in texts), texts
+
+
+@pytest.mark.parametrize("platform, hint", [("linux", "tigervnc-viewer"), ("win32", "UltraVNC"),
+                                            ("darwin", "Screen Sharing")])
+def test_auto_without_any_viewer_gives_a_platform_hint(platform: str, hint: str) -> None:
+    with pytest.raises(ViewerError, match=hint):
+        resolve_viewer("auto", system=fake_system(platform, set()))
+
+
+def test_auto_with_view_only_needs_a_viewer_with_a_view_only_mode() -> None:
+    only_remote = fake_system("linux", {"/usr/bin/remote-viewer"}, path="/usr/bin")
+    assert resolve_viewer("auto", system=only_remote).name == "remote-viewer"
+    with pytest.raises(ViewerError, match=r"\(remote-viewer\) have no view-only mode"):
+        resolve_viewer("auto", system=only_remote, view_only=True)
+    both = fake_system("linux", {"/usr/bin/remote-viewer", "/usr/bin/xtightvncviewer"}, path="/usr/bin")
+    assert resolve_viewer("auto", system=both, view_only=True).name == "tightvnc"
+    # Every viewer with a view-only mode comes before every viewer without one.
+    able = [any(i.view_only for i in VIEWERS[n].installs) for n in AUTO_ORDER]
+    assert able == sorted(able, reverse=True)
+
+
+@pytest.mark.parametrize("name", ["remote-viewer", "remmina", "gvncviewer", "vinagre", "krdc"])
+def test_view_only_on_a_viewer_without_it_is_refused_not_silently_dropped(name: str) -> None:
+    system = _machine("linux")
+    with pytest.raises(ViewerError, match="no view-only mode"):
+        viewer_argv(VIEWERS[name], H, P, view_only=True, system=system)
+    with pytest.raises(ViewerError, match="no view-only mode"):
+        resolve_viewer(name, system=system, view_only=True)
+
+
+def test_full_screen_without_a_flag_is_logged_and_ignored() -> None:
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        argv = viewer_argv(VIEWERS["gvncviewer"], H, 5901, full_screen=True, system=_machine("linux"))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert argv == ["/usr/bin/gvncviewer", f"{H}:1"]
+    assert any("no full-screen flag" in formatEvent(e) for e in events)
+
+
+@pytest.mark.parametrize("host", ["::1", "fe80::1", ""])
+def test_never_an_ipv6_address_in_a_viewer_argv(host: str) -> None:
+    for name in ("tigervnc", "remote-viewer", "gvncviewer"):
+        with pytest.raises(ViewerError):
+            viewer_argv(VIEWERS[name], host, 6000, system=_machine("linux"))
+    with pytest.raises(ViewerError):
+        template_argv("v {host}::{port}", host, 6000)
+
+
+def test_install_argv_and_the_legacy_build_signature() -> None:
+    install = VIEWERS["tightvnc"].install_for("win32")
+    assert install is not None
+    assert install_argv(install, VIEWERS["tightvnc"], H, P, view_only=True) == [
+        f"-host={H}", f"-port={P}", "-viewonly=yes"]
+    assert VIEWERS["tigervnc"].build(H, P, True, "t")[-2:] == ["-ViewOnly", A]
+    assert VIEWERS["tigervnc"].platforms == (LINUX, WINDOWS, MACOS)
+    assert "xtigervncviewer" in VIEWERS["tigervnc"].executables
+
+
+def test_locate_reports_the_install() -> None:
+    found = locate(VIEWERS["tightvnc"], system=_machine("win32"))
+    assert found is not None and found.install.platform == WINDOWS
+    assert found.executable.endswith("tvnviewer.exe")
+
+
+def test_markdown_tables_cover_every_viewer_and_platform() -> None:
+    text = markdown_tables()
+    for spec in VIEWERS.values():
+        rows = [line for line in text.splitlines() if line.startswith(f"| `{spec.name}` |")]
+        assert len(rows) == 2 * len(spec.installs)
+    assert "::1" not in text
