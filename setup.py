@@ -34,6 +34,7 @@ setup(
             "secshadow-proxy = secshadow.cli:main",
             "secshadow-device = secshadow.device.cli:main",
             "secshadow-ums = secshadow.ums.cli:main",
+            "secshadow-matrix = secshadow.matrix:main",
         ],
     },
     classifiers=[

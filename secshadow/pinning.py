@@ -193,35 +193,100 @@ def _openssl_reasons(failure: Failure) -> list[str]:
     return reasons
 
 
-def describe_handshake_failure(failure: Failure, profile: TLSProfile) -> TLSHandshakeError:
-    """Turn an OpenSSL handshake failure into a plain-words :class:`TLSHandshakeError`.
+_LEGACY_HINT = (
+    " Try --tls-profile legacy for this device (TLS 1.0 to 1.2 at OpenSSL security level 0; "
+    "the certificate pin stays exactly as strict)."
+)
 
-    The message says what happened and, under the modern profile, whether
-    ``--tls-profile legacy`` may help.
+
+def _this_openssl() -> str:
+    return SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode("ascii", "replace")
+
+
+def _has(low: str, *fragments: str) -> bool:
+    return any(fragment in low for fragment in fragments)
+
+
+def describe_handshake_failure(failure: Failure, profile: TLSProfile) -> TLSHandshakeError:
+    """Turn an OpenSSL handshake failure into a plain-words :class:`TLSHandshakeError` (exit 5).
+
+    Only what the client sees is available: OpenSSL's reason strings (the device's alert,
+    or the client's own refusal). The message says what most likely happened and what to
+    try; under the modern profile it names ``--tls-profile legacy`` whenever that may
+    help. It never suggests an automatic retry: one attempt per run, the profile is a
+    per-device decision. The raw OpenSSL reasons follow in brackets.
+
+    - protocol version alert / ``unsupported protocol``: the device speaks no version of
+      the profile (modern: it is older than TLS 1.2; legacy: it wants TLS 1.3, or SSL 3);
+    - ``wrong version number``: the answer is not TLS at all (e.g. plain VNC on the port);
+    - ``unsafe legacy renegotiation disabled``: no RFC 5746 secure renegotiation;
+    - handshake-failure alert / ``no shared cipher``: no suite in common; under legacy
+      that means the device has only suites this OpenSSL dropped (3DES, RC4, export) and
+      no profile can reach it;
+    - small keys / weak signatures / small DH groups refused by the security level.
     """
     reasons = _openssl_reasons(failure)
     text = "; ".join(reasons)
     low = text.lower()
-    legacy_hint = (
-        " The device may run old firmware: try --tls-profile legacy for this device."
-        if profile is TLSProfile.MODERN
-        else ""
-    )
-    if "unsupported protocol" in low or "wrong version number" in low or "protocol version" in low:
-        what = "the device offers no TLS version this profile accepts"
-        if profile is TLSProfile.MODERN:
-            what += " (modern needs TLS 1.2 or 1.3; it likely only speaks TLS 1.0 or 1.1)"
-        return TLSHandshakeError(f"TLS handshake with the device failed: {what} [{text}].{legacy_hint}")
-    if "no cipher" in low or "no shared cipher" in low or "handshake failure" in low or "sslv3 alert" in low:
+    modern = profile is TLSProfile.MODERN
+    prefix = "TLS handshake with the device failed: "
+    if _has(low, "wrong version number", "packet length too long", "record layer failure", "http request"):
         return TLSHandshakeError(
-            "TLS handshake with the device failed: no cipher suite in common "
-            f"(the device may offer only old or anonymous suites) [{text}].{legacy_hint}"
+            f"{prefix}the device did not answer in TLS at all; the port may serve plain VNC (RFB) "
+            "or another protocol, not secure shadowing. Check --device-port and that secure shadowing "
+            f"is enabled on the device [{text}]."
         )
-    if "unexpected eof" in low or "connection lost" in low or "connection was closed" in low:
+    if _has(low, "unsupported protocol", "protocol version", "version too low", "no protocols available"):
+        if modern:
+            what = (
+                "the device only offers a TLS version older than 1.2 (TLS 1.0 or 1.1, as firmware from "
+                "before about 2017 does), and the modern profile accepts only TLS 1.2 and 1.3."
+            )
+            return TLSHandshakeError(f"{prefix}{what}{_LEGACY_HINT} [{text}]")
         return TLSHandshakeError(
-            f"the device closed the connection during the TLS handshake [{text}].{legacy_hint}"
+            f"{prefix}the device accepts none of TLS 1.0, 1.1 and 1.2 (the legacy profile's range): it most "
+            "likely requires TLS 1.3, so use the modern profile (the default), or it speaks only SSL 3.0, "
+            f"which no profile supports [{text}]."
         )
-    return TLSHandshakeError(f"TLS handshake with the device failed [{text}].{legacy_hint}")
+    if _has(low, "unsafe legacy renegotiation"):
+        if modern:
+            return TLSHandshakeError(
+                f"{prefix}the device's TLS stack does not support secure renegotiation (RFC 5746), which the "
+                "modern profile requires; old OpenSSL builds (before 0.9.8m, 2010) lack it."
+                f"{_LEGACY_HINT} [{text}]"
+            )
+        return TLSHandshakeError(f"{prefix}the device's TLS stack lacks secure renegotiation (RFC 5746) [{text}].")
+    if _has(low, "ee key too small", "ca key too small", "ca md too weak", "dh key too small", "bad dh value",
+            "key too small", "legacy sigalg", "wrong signature type", "insufficient security"):
+        if modern:
+            return TLSHandshakeError(
+                f"{prefix}the device uses a key, signature or Diffie-Hellman group that the modern profile "
+                f"considers too weak (as old firmware does).{_LEGACY_HINT} [{text}]"
+            )
+        return TLSHandshakeError(
+            f"{prefix}the device's key, signature or Diffie-Hellman group is refused even at security "
+            f"level 0 by this OpenSSL ({_this_openssl()}) [{text}]."
+        )
+    if _has(low, "no shared cipher", "no cipher", "handshake failure", "sslv3 alert", "tls alert"):
+        if modern:
+            return TLSHandshakeError(
+                f"{prefix}the device offers no cipher suite the modern profile accepts (it offers only old "
+                f"suites).{_LEGACY_HINT} If the legacy profile fails the same way, the device offers only "
+                f"suites this OpenSSL no longer has (3DES, RC4) and no profile can reach it [{text}]."
+            )
+        return TLSHandshakeError(
+            f"{prefix}the device offers only cipher suites that this OpenSSL ({_this_openssl()}) no longer "
+            "implements, most likely 3DES (DES-CBC3-SHA), RC4 or export suites. No --tls-profile can reach "
+            f"it: update the device's firmware so it offers AES suites [{text}]."
+        )
+    if _has(low, "unexpected eof", "connection lost", "connection was closed", "connection reset"):
+        hint = (
+            " Old firmware sometimes hangs up on a modern ClientHello: try --tls-profile legacy for this device."
+            if modern else ""
+        )
+        return TLSHandshakeError(f"the device closed the connection during the TLS handshake [{text}].{hint}")
+    hint = " The device may run old firmware: try --tls-profile legacy for this device." if modern else ""
+    return TLSHandshakeError(f"{prefix}[{text}].{hint}")
 
 
 def negotiated(connection: SSL.Connection) -> tuple[str, str]:

@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a fresh name-less certificate (C=DE, L=Bremen, O=IGEL) and key to DIR and use them",
     )
     parser.add_argument("--firmware", default="current", metavar="NAME", help="firmware profile (default: %(default)s)")
+    parser.add_argument(
+        "--plaintext",
+        action="store_true",
+        help=(
+            "no TLS: only the PROCYCMD check and relay, behind a separate TLS front such as stunnel4 "
+            "(loopback listeners only; --cert is then optional and only reported)"
+        ),
+    )
     parser.add_argument("--list-firmware", action="store_true", help="list the firmware profiles and exit")
     parser.add_argument("--consent-delay", type=float, metavar="S", help="override the profile's consent delay, seconds")
     parser.add_argument(
@@ -97,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     passwords.add_argument(
         "--accept-password-file",
         metavar="FILE",
-        help="accept the one password in FILE, once (standalone use without an IMI server)",
+        help="accept the password in FILE, once; several lines: each password once (standalone use without an IMI server)",
     )
     return parser
 
@@ -112,6 +120,7 @@ class _Config:
     vnc_port: int
     port_file: str | None
     checker_factory: Any  # reactor -> PasswordChecker
+    plaintext: bool = False
 
 
 def _read(path: str, what: str) -> bytes:
@@ -128,8 +137,10 @@ def _checker_factory(args: argparse.Namespace) -> Any:
     if args.accept_password_file and args.ums:
         raise UsageError("give either --ums or --accept-password-file, not both")
     if args.accept_password_file:
-        text = _read(args.accept_password_file, "password file").decode("ascii", "replace").strip()
-        checker = OneShotPasswordChecker(OneTimePassword(text))
+        text = _read(args.accept_password_file, "password file").decode("ascii", "replace")
+        lines = [line.strip() for line in text.splitlines() if line.strip()] or [""]
+        passwords = [OneTimePassword(line) for line in lines]
+        checker = OneShotPasswordChecker(*passwords)
         return lambda reactor: checker
     if not args.ums:
         raise UsageError("how are passwords checked? give --ums URL --device-id ID, or --accept-password-file FILE")
@@ -186,7 +197,13 @@ def configure(args: argparse.Namespace) -> _Config:
     # Every other flag is checked before --generate-cert writes files.
     checker_factory = _checker_factory(args)
     if args.generate_cert:
-        cert_path, key_path = certs.write_pair(args.generate_cert, "device", key_type=profile.key_type)
+        from secshadow.device.legacycerts import LegacyCertError
+
+        try:
+            generated = profile.generate_certificate()
+        except LegacyCertError as exc:
+            raise UsageError(f"cannot make the {profile.legacy_cert} certificate: {exc}") from None
+        cert_path, key_path = certs.write_pem_files(args.generate_cert, "device", *generated)
         cert_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
         fingerprint = certs.certificate_sha256(cert_pem)
         sys.stderr.write(f"{PROG}: generated {cert_path} (SHA-256 {fingerprint}) and {key_path}\n")
@@ -198,10 +215,16 @@ def configure(args: argparse.Namespace) -> _Config:
         })
     elif args.cert and args.key:
         cert_pem, key_pem = _read(args.cert, "certificate"), _read(args.key, "key")
+    elif args.plaintext:
+        cert_pem = _read(args.cert, "certificate") if args.cert else b""
+        key_pem = b""
     else:
         raise UsageError("give --cert PEM and --key PEM, or --generate-cert DIR")
-    # Fail now, as a usage error, if OpenSSL refuses the pair or the profile.
-    build_server_context(profile, cert_pem, key_pem)
+    if not args.plaintext:
+        # Fail now, as a usage error, if OpenSSL refuses the pair or the profile.
+        build_server_context(profile, cert_pem, key_pem)
+    elif cert_pem:
+        certs.certificate_sha256(cert_pem)  # at least a certificate
     return _Config(
         listen=args.listen,
         profile=profile,
@@ -211,6 +234,7 @@ def configure(args: argparse.Namespace) -> _Config:
         vnc_port=vnc_port,
         port_file=args.port_file,
         checker_factory=checker_factory,
+        plaintext=args.plaintext,
     )
 
 
@@ -223,11 +247,14 @@ def _write_port_file(path: str, port: int) -> None:
 
 async def _run(reactor: Any, config: _Config) -> None:
     from twisted.internet.defer import Deferred
+    from twisted.internet.task import deferLater
 
-    from secshadow.device.emulator import DeviceEmulator
-
-    from secshadow.device.emulator import DeviceListening
+    from secshadow.device.emulator import DeviceEmulator, DeviceListening
     from secshadow.events import Event
+
+    # react() calls this before reactor.run() installs the SIGINT/SIGTERM handlers; wait
+    # for the running reactor, so a signal right after the "listening" line stops cleanly.
+    await deferLater(reactor, 0, lambda: None)
 
     def on_event(event: Event) -> None:
         if isinstance(event, DeviceListening) and config.port_file:
@@ -238,20 +265,25 @@ async def _run(reactor: Any, config: _Config) -> None:
     emulator = DeviceEmulator(
         reactor,
         config.profile,
-        config.cert_pem,
-        config.key_pem,
+        config.cert_pem or None,
+        config.key_pem or None,
         config.checker_factory(reactor),
         vnc_host=config.vnc_host,
         vnc_port=config.vnc_port,
         on_event=on_event,
+        plaintext=config.plaintext,
     )
     try:
         await emulator.listen(config.listen)
+    except SecShadowError as exc:
+        _error(exc.message)
+        raise SystemExit(2) from None
     except Exception as exc:  # CannotListenError, a bad endpoint string, ...
         _error(f"cannot listen on {config.listen!r}: {exc}")
         raise SystemExit(1) from None
     sys.stderr.write(
-        f"{PROG}: firmware {config.profile.name!r}, relaying to VNC at {config.vnc_host}:{config.vnc_port}\n"
+        f"{PROG}: firmware {config.profile.name!r}{' (plaintext, behind a TLS front)' if config.plaintext else ''}, "
+        f"relaying to VNC at {config.vnc_host}:{config.vnc_port}\n"
     )
     # SIGINT/SIGTERM stop the reactor (react installs the handlers); close cleanly first.
     reactor.addSystemEventTrigger("before", "shutdown", emulator.stop)
@@ -266,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from secshadow.device.firmware import PROFILES
 
         for profile in PROFILES.values():
-            print(f"{profile.name:16} {profile.description}")
+            print(f"{profile.name:16} {profile.description} [stacks: {', '.join(profile.stacks)}]")
         sys.exit(0)
     try:
         config = configure(args)

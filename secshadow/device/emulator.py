@@ -43,6 +43,7 @@ from zope.interface import implementer
 
 from secshadow.certs import certificate_sha256
 from secshadow.device.firmware import FirmwareProfile, ServerTLSCreator, build_server_context
+from secshadow.errors import UsageError
 from secshadow.events import Event, EventSink, discard
 from secshadow.procy import BadCommand, CommandParser
 from secshadow.relay import Splice
@@ -128,25 +129,34 @@ class ConnectionClosed(Event):
 
 
 class OneShotPasswordChecker:
-    """Accepts one fixed password, once (like IMI's one-time passwords, PROTOCOL.md section 1).
+    """Accepts fixed passwords, each once (like IMI's one-time passwords, PROTOCOL.md section 1).
 
-    ``__call__(candidate) -> Deferred[bool]``; a second use of the right password is refused.
+    ``OneShotPasswordChecker(password, *more)``: every password given is valid for one use.
+    ``__call__(candidate) -> Deferred[bool]``; a second use of a password is refused.
+    ``used``: whether every password has been used.
     """
 
-    def __init__(self, password: OneTimePassword) -> None:
-        self._password = password
-        self.used = False
+    def __init__(self, password: OneTimePassword, *more: OneTimePassword) -> None:
+        self._passwords = [password, *more]
+        self._used = [False] * len(self._passwords)
+
+    @property
+    def used(self) -> bool:
+        return all(self._used)
 
     def __call__(self, candidate: str) -> Deferred[bool]:
-        ok = hmac.compare_digest(candidate.encode("ascii"), self._password.reveal().encode("ascii"))
-        if ok and self.used:
-            return succeed(False)
-        if ok:
-            self.used = True
-        return succeed(ok)
+        given = candidate.encode("ascii", "replace")
+        for index, password in enumerate(self._passwords):
+            # Compare with every password (no early exit), in constant time each.
+            if hmac.compare_digest(given, password.reveal().encode("ascii")):
+                if self._used[index]:
+                    return succeed(False)
+                self._used[index] = True
+                return succeed(True)
+        return succeed(False)
 
     def __repr__(self) -> str:
-        return f"OneShotPasswordChecker(used={self.used})"
+        return f"OneShotPasswordChecker(passwords={len(self._passwords)}, used={sum(self._used)})"
 
 
 # -- the connection --------------------------------------------------------------
@@ -210,6 +220,9 @@ class DeviceConnection(Protocol):
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         text = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         log.info("connection from {peer}", peer=text)
+        if self.factory.plaintext:
+            # Behind a TLS front (stunnel): the front did the handshake.
+            self._handshake_done = True
         self.factory.connections.add(self)
         self.factory.emit(ConnectionAccepted(peer=text))
         self._timer = self.factory.reactor.callLater(
@@ -411,6 +424,7 @@ class DeviceFactory(ServerFactory):
         self.vnc_description = vnc_description
         self.emit = on_event
         self.connections: set[DeviceConnection] = set()
+        self.plaintext = False
 
     def buildProtocol(self, addr: Any) -> DeviceConnection:  # type: ignore[override]
         return DeviceConnection(self)
@@ -425,45 +439,66 @@ class DeviceEmulator:
     - ``password_checker``: ``password -> Deferred[bool]``; an error counts as a refusal.
     - ``vnc_host`` / ``vnc_port``: the VNC server to relay to, or ``vnc_endpoint``.
     - ``on_event``: receives the events defined in this module.
+    - ``plaintext``: no TLS at all; the emulator is then only the PROCYCMD check and
+      relay behind a separate TLS front (``stunnel4`` playing an old device's TLS
+      stack, see ``docs/firmware.md``). Only a loopback listener is allowed. The
+      certificate (the front's) is optional and only reported.
 
-    Raises :class:`secshadow.errors.UsageError` when the certificate and key do not fit.
+    Raises :class:`secshadow.errors.UsageError` when the certificate and key do not fit,
+    or the profile cannot be served by this OpenSSL (TLS mode only).
     """
 
     def __init__(
         self,
         reactor: Any,
         profile: FirmwareProfile,
-        cert_pem: bytes,
-        key_pem: bytes,
+        cert_pem: bytes | None,
+        key_pem: bytes | None,
         password_checker: PasswordChecker,
         vnc_host: str = "127.0.0.1",
         vnc_port: int = 5901,
         vnc_endpoint: IStreamClientEndpoint | None = None,
         on_event: EventSink = discard,
+        plaintext: bool = False,
     ) -> None:
         assert IReactorTCP.providedBy(reactor) and IReactorTime.providedBy(reactor)
         self.reactor = reactor
         self.profile = profile
-        self.certificate_sha256 = certificate_sha256(cert_pem)
-        self._creator = ServerTLSCreator(build_server_context(profile, cert_pem, key_pem))
+        self.plaintext = plaintext
+        self.certificate_sha256 = certificate_sha256(cert_pem) if cert_pem else ""
+        self._creator: ServerTLSCreator | None = None
+        if not plaintext:
+            if cert_pem is None or key_pem is None:
+                raise UsageError("the device emulator needs a certificate and key (or plaintext mode)")
+            self._creator = ServerTLSCreator(build_server_context(profile, cert_pem, key_pem))
         if vnc_endpoint is None:
             vnc_endpoint = HostnameEndpoint(reactor, vnc_host, vnc_port, timeout=10)
         self.factory = DeviceFactory(
             reactor, profile, password_checker, vnc_endpoint, f"{vnc_host}:{vnc_port}", on_event
         )
+        self.factory.plaintext = plaintext
         self._on_event = on_event
         self.port: IListeningPort | None = None
 
     def tls_factory(self) -> TLSMemoryBIOFactory:
         """The server factory (TLS around :class:`DeviceFactory`), for callers that listen themselves."""
+        if self._creator is None:
+            raise UsageError("a plaintext emulator has no TLS factory")
         return TLSMemoryBIOFactory(self._creator, False, self.factory)
 
     async def _listen(self, description: str) -> IListeningPort:
         endpoint = serverFromString(self.reactor, description)
-        port: IListeningPort = await endpoint.listen(self.tls_factory())
+        factory: Any = self.factory if self.plaintext else self.tls_factory()
+        port: IListeningPort = await endpoint.listen(factory)
         self.port = port
         address = port.getHost()
         host, number = getattr(address, "host", "?"), getattr(address, "port", 0)
+        if self.plaintext and host not in ("127.0.0.1", "::1"):
+            self.port = None
+            await maybeDeferred(port.stopListening)
+            raise UsageError(
+                f"a plaintext emulator listens on loopback only (got {host}); add interface=127.0.0.1"
+            )
         log.info("listening on {host}:{port}", host=host, port=number)
         self._on_event(DeviceListening(host=host, port=number, certificate_sha256=self.certificate_sha256))
         return port

@@ -14,6 +14,19 @@ with the ``openssl`` command line, because ``cryptography`` cannot sign with MD5
 
 The TLS context is built here with pyOpenSSL directly, not with Twisted's
 ``CertificateOptions``, which cannot enable TLS 1.0/1.1 or security level 0.
+
+Which TLS stack plays a profile (``stacks``; see ``docs/firmware.md``):
+
+- ``emulator``: this module's pyOpenSSL server (cryptography's bundled OpenSSL 4.0);
+- ``stunnel``: ``stunnel4`` on Debian's OpenSSL 3.0 as the device's TLS front,
+  forwarding plaintext to ``secshadow-device --plaintext`` (which checks PROCYCMD);
+- ``gnutls``: ``gnutls-serv`` (GnuTLS 3.7) with ``gnutls_priority``; it cannot forward,
+  so it covers the TLS handshake and the pin only. It is the only stack here that can
+  still offer 3DES and turn RFC 5746 secure renegotiation off.
+
+``expect_modern`` / ``expect_legacy``: the outcome the console should get with each
+client profile, as a ``secshadow-proxy`` error code (``"ok"`` for a session that reached
+the RFB greeting); the matrix (``secshadow.matrix``) checks them.
 """
 
 from __future__ import annotations
@@ -28,6 +41,9 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
 from secshadow.errors import UsageError
+
+#: TLS stacks that can play a firmware (see the module docstring).
+STACKS = ("emulator", "stunnel", "gnutls")
 
 #: TLS version names (as OpenSSL reports them) and pyOpenSSL's constants.
 TLS_VERSIONS: dict[str, int] = {
@@ -59,6 +75,16 @@ class FirmwareProfile:
       password the device waits this many seconds and closes without a word.
     - ``key_type``: the key ``--generate-cert`` makes for this firmware (see
       :data:`secshadow.certs.KEY_TYPES`).
+    - ``legacy_cert``: if set, a key of :data:`secshadow.device.legacycerts.SPECS`: the
+      certificate is made with the ``openssl`` CLI instead (MD5/SHA-1, X.509 v1, expired).
+    - ``stacks``: the TLS stacks that can play this firmware (``emulator``, ``stunnel``,
+      ``gnutls``; see the module docstring).
+    - ``gnutls_priority``: the ``gnutls-serv --priority`` string for the ``gnutls`` stack.
+    - ``secure_renegotiation``: False for a TLS stack without RFC 5746; only GnuTLS can
+      still do that (``%DISABLE_SAFE_RENEGOTIATION``), OpenSSL always offers it.
+    - ``procy_terminator``: what the console must send after the password
+      (``--procy-terminator``).
+    - ``expect_modern`` / ``expect_legacy``: expected outcome per client profile.
     """
 
     name: str
@@ -74,8 +100,22 @@ class FirmwareProfile:
     consent_delay: float = 0.0
     refuse_after: float | None = None
     key_type: str = "rsa2048"
+    legacy_cert: str | None = None
+    stacks: tuple[str, ...] = ("emulator",)
+    gnutls_priority: str | None = None
+    secure_renegotiation: bool = True
+    procy_terminator: str = "none"
+    expect_modern: str = "ok"
+    expect_legacy: str = "ok"
 
     def __post_init__(self) -> None:
+        unknown = set(self.stacks) - set(STACKS)
+        if unknown or not self.stacks:
+            raise ValueError(f"firmware {self.name!r}: unknown TLS stacks {sorted(unknown)}")
+        if "gnutls" in self.stacks and not self.gnutls_priority:
+            raise ValueError(f"firmware {self.name!r}: the gnutls stack needs gnutls_priority")
+        if not self.secure_renegotiation and set(self.stacks) != {"gnutls"}:
+            raise ValueError(f"firmware {self.name!r}: only GnuTLS can turn secure renegotiation off")
         for version in (self.min_tls, self.max_tls):
             if version not in TLS_VERSIONS:
                 raise ValueError(f"firmware {self.name!r}: unknown TLS version {version!r}")
@@ -95,7 +135,30 @@ class FirmwareProfile:
             "consent_delay_s": self.consent_delay,
             "refuse_after_s": self.refuse_after,
             "key_type": self.key_type,
+            "certificate": self.legacy_cert or self.key_type,
+            "stacks": list(self.stacks),
+            "gnutls_priority": self.gnutls_priority,
+            "secure_renegotiation": self.secure_renegotiation,
+            "procy_terminator": self.procy_terminator,
+            "expect_modern": self.expect_modern,
+            "expect_legacy": self.expect_legacy,
         }
+
+    @property
+    def emulator_capable(self) -> bool:
+        """Whether the pyOpenSSL emulator itself can serve this firmware."""
+        return "emulator" in self.stacks
+
+    def generate_certificate(self) -> tuple[bytes, bytes]:
+        """A fresh ``(cert_pem, key_pem)`` of this firmware's kind (``legacy_cert`` needs
+        the ``openssl`` CLI; raises :class:`secshadow.device.legacycerts.LegacyCertError`)."""
+        if self.legacy_cert is not None:
+            from secshadow.device.legacycerts import generate_legacy_pair
+
+            return generate_legacy_pair(self.legacy_cert)
+        from secshadow import certs
+
+        return certs.generate_self_signed(key_type=self.key_type)
 
 
 #: name -> profile, in registration order.
@@ -127,6 +190,14 @@ register(
             "a current IGEL OS 11 firmware: TLS 1.2-1.3 with OpenSSL's default ciphers, "
             "PROCYCMD without terminator (a trailing LF/CRLF is tolerated), no consent prompt"
         ),
+        stacks=("emulator", "stunnel"),
+    )
+)
+register(
+    FirmwareProfile(
+        name="current-ecdsa",
+        description="a current firmware with an ECDSA P-256 certificate, TLS 1.2-1.3",
+        key_type="ecdsa-p256",
     )
 )
 register(
@@ -134,6 +205,7 @@ register(
         name="current-lf",
         description="like 'current', but the firmware insists on a line terminator after the password",
         require_terminator=True,
+        procy_terminator="lf",
     )
 )
 register(
@@ -148,14 +220,81 @@ register(
         name="current-refuse",
         description="like 'current', with a local user who refuses shadowing after 1 s (silent close)",
         refuse_after=1.0,
+        expect_modern="device-rejected",
+        expect_legacy="device-rejected",
     )
 )
 register(
     FirmwareProfile(
         name="tls13-only",
-        description="a hardened firmware that accepts TLS 1.3 only",
+        description="a hardened firmware that accepts TLS 1.3 only (the legacy profile, capped at 1.2, cannot)",
         min_tls="TLSv1.3",
         max_tls="TLSv1.3",
+        expect_legacy="tls-handshake",
+    )
+)
+register(
+    FirmwareProfile(
+        name="legacy-tls10",
+        description=(
+            "firmware from around 2014: TLS 1.0 only, AES128-SHA only, a self-signed RSA-1024 "
+            "(exponent 65337) MD5 X.509 v1 certificate, expired (IGEL's public sample, made worse)"
+        ),
+        min_tls="TLSv1",
+        max_tls="TLSv1",
+        cipher_string="AES128-SHA:@SECLEVEL=0",
+        key_type="rsa1024",
+        legacy_cert="rsa1024-md5-v1-expired",
+        stacks=("emulator", "stunnel", "gnutls"),
+        gnutls_priority="NORMAL:-VERS-ALL:+VERS-TLS1.0:-CIPHER-ALL:+AES-128-CBC:-KX-ALL:+RSA:-MAC-ALL:+SHA1",
+        expect_modern="tls-handshake",
+    )
+)
+register(
+    FirmwareProfile(
+        name="legacy-tls11",
+        description="firmware from around 2016: TLS 1.1 only, SHA-1 signed RSA-2048 certificate, CBC suites",
+        min_tls="TLSv1.1",
+        max_tls="TLSv1.1",
+        cipher_string="ECDHE-RSA-AES128-SHA:AES128-SHA:AES256-SHA:@SECLEVEL=0",
+        legacy_cert="rsa2048-sha1",
+        stacks=("emulator", "stunnel", "gnutls"),
+        gnutls_priority="NORMAL:-VERS-ALL:+VERS-TLS1.1",
+        expect_modern="tls-handshake",
+    )
+)
+register(
+    FirmwareProfile(
+        name="legacy-no-renego",
+        description=(
+            "a TLS stack without RFC 5746 secure renegotiation (OpenSSL before 0.9.8m), TLS 1.0-1.2; "
+            "GnuTLS only: OpenSSL servers always offer secure renegotiation"
+        ),
+        min_tls="TLSv1",
+        max_tls="TLSv1.2",
+        cipher_string="DEFAULT:@SECLEVEL=0",
+        legacy_cert="rsa1024-md5-v1-expired",
+        stacks=("gnutls",),
+        gnutls_priority="NORMAL:-VERS-ALL:+VERS-TLS1.2:+VERS-TLS1.1:+VERS-TLS1.0:%DISABLE_SAFE_RENEGOTIATION",
+        secure_renegotiation=False,
+        expect_modern="tls-handshake",
+    )
+)
+register(
+    FirmwareProfile(
+        name="legacy-3des",
+        description=(
+            "firmware that offers only 3DES (DES-CBC3-SHA) over TLS 1.0; OpenSSL 4.0 has no 3DES "
+            "suites any more, so no client profile can reach it (GnuTLS only)"
+        ),
+        min_tls="TLSv1",
+        max_tls="TLSv1",
+        cipher_string="DES-CBC3-SHA:@SECLEVEL=0",
+        legacy_cert="rsa1024-md5-v1-expired",
+        stacks=("gnutls",),
+        gnutls_priority="NORMAL:-VERS-ALL:+VERS-TLS1.0:-CIPHER-ALL:+3DES-CBC:-KX-ALL:+RSA:-MAC-ALL:+SHA1",
+        expect_modern="tls-handshake",
+        expect_legacy="tls-handshake",
     )
 )
 
@@ -180,6 +319,12 @@ def build_server_context(profile: FirmwareProfile, cert_pem: bytes, key_pem: byt
     Raises :class:`UsageError` when the certificate and key do not match or the profile's
     cipher settings are rejected by this OpenSSL.
     """
+    if not profile.emulator_capable:
+        raise UsageError(
+            f"firmware {profile.name!r} cannot be served by this emulator's OpenSSL "
+            f"({SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}); it needs the {' or '.join(profile.stacks)} "
+            "stack: run it with secshadow-matrix or secshadow.matrix.start_device()"
+        )
     certificate, key = load_key_pair(cert_pem, key_pem)
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_min_proto_version(TLS_VERSIONS[profile.min_tls])
