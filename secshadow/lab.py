@@ -154,6 +154,35 @@ class Lab:
             "--device-port", str(self.device_port), *extra,
         ]
 
+    def fresh_password(self) -> str:
+        """A fresh one-time password for the lab's device, fetched from the IMI server
+        with secshadow's own IMI client, in a child process (as a console would)."""
+        script = (
+            "import sys\n"
+            "from twisted.internet import task\n"
+            "from twisted.internet.defer import ensureDeferred\n"
+            "from secshadow.imi import fetch_shadow_secret\n"
+            "from secshadow.umstrust import UMSTrust\n"
+            "async def main(reactor, url, device, user, password_file, fingerprint):\n"
+            "    with open(password_file) as f:\n"
+            "        password = f.read().strip()\n"
+            "    secret = await fetch_shadow_secret(reactor, url, device, user, password,\n"
+            "                                       UMSTrust.from_fingerprint(fingerprint))\n"
+            "    sys.stdout.write(secret.password.reveal())\n"
+            "task.react(lambda reactor, *a: ensureDeferred(main(reactor, *a)), sys.argv[1:])\n"
+        )
+        result = subprocess.run(  # noqa: S603 - fixed argv, no shell
+            [sys.executable, "-c", script, self.ums_url, DEVICE_ID, UMS_USER, str(self.password_file),
+             self.ums_fingerprint], capture_output=True, timeout=30, env=child_environment())
+        if result.returncode != 0:
+            raise LabError(f"could not fetch a one-time password: {result.stderr.decode(errors='replace')}")
+        return result.stdout.decode()
+
+    def secret_json(self, password: str, host: str = "127.0.0.1") -> bytes:
+        """A short-form secret (``--secret-file``) for the lab's device with ``password``."""
+        return json.dumps({"certificate": self.device_cert.read_text(), "password": password,
+                           "host": host, "port": self.device_port}).encode()
+
     def start_device(self, *extra: str, cert: Path | None = None, key: Path | None = None,
                      name: str = "device") -> ManagedProcess:
         """Another device emulator (e.g. an impostor with ``cert``/``key``) checking

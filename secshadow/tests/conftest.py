@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 
 import pytest
 
@@ -26,3 +27,16 @@ def require_program(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[object]:
+    """One lab for the whole run: a real Xvnc behind the device emulator, and the IMI
+    server (``secshadow.lab``). Tests take fresh one-time passwords from it; those that
+    need another device start their own with ``lab.start_device(...)``."""
+    for program in ("Xvnc", "xsetroot", "openssl"):
+        require_program(program)
+    from secshadow.lab import start_lab
+
+    with start_lab() as running:
+        yield running

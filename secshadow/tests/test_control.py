@@ -16,8 +16,7 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock
 
 from secshadow.control import Controller
-from secshadow.lab import Lab, ManagedProcess, child_environment, start_lab
-from secshadow.tests.conftest import require_program
+from secshadow.lab import Lab, ManagedProcess, child_environment
 
 
 def _controller() -> tuple[Controller, list[dict[str, Any]]]:
@@ -60,12 +59,6 @@ def test_list_and_shutdown_with_no_sessions():
 SESSIONS = 20
 
 
-@pytest.fixture(scope="module")
-def lab() -> Any:
-    for program in ("Xvnc", "xsetroot"):
-        require_program(program)
-    with start_lab() as running:
-        yield running
 
 
 def _server_init(port: int) -> tuple[int, int, bytes]:

@@ -13,24 +13,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from secshadow import certs
-from secshadow.lab import Lab, ManagedProcess, child_environment, python_module, start_lab
+from secshadow.lab import Lab, ManagedProcess, child_environment, python_module
 from secshadow.snapshot import read_pixel
+from secshadow.tests._screens import share_of_colour, start_xvfb
 from secshadow.tests.conftest import require_program
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def lab() -> Any:
-    for program in ("Xvnc", "xsetroot", "openssl"):
-        require_program(program)
-    with start_lab() as running:
-        yield running
 
 
 def run_proxy(argv: list[str], stdin: bytes | None = None, timeout: float = 60) -> tuple[int, list[dict], str]:
@@ -43,11 +37,6 @@ def names(events: list[dict]) -> list[str]:
     return [e["event"] for e in events]
 
 
-def secret_json(lab: Lab, password: str, host: str = "127.0.0.1") -> bytes:
-    return json.dumps({
-        "certificate": lab.device_cert.read_text(), "password": password,
-        "host": host, "port": lab.device_port,
-    }).encode()
 
 
 def test_snapshot_through_the_tunnel_shows_the_device_screen(lab: Lab, tmp_path: Path):
@@ -66,11 +55,11 @@ def test_snapshot_through_the_tunnel_shows_the_device_screen(lab: Lab, tmp_path:
 
 def test_console_flow_secret_on_stdin_viewer_none(lab: Lab, tmp_path: Path):
     """What a Java console does: secret on stdin, --viewer none, its own RFB client."""
-    password = _fresh_password(lab)
+    password = lab.fresh_password()
     proxy = ManagedProcess("console-proxy", [*python_module("secshadow.cli"), "--secret-file", "-",
                                              "--viewer", "none", "--json"],
                            tmp_path, env=child_environment(), stdin=subprocess.PIPE)
-    proxy.process.stdin.write(secret_json(lab, password))
+    proxy.process.stdin.write(lab.secret_json(password))
     proxy.process.stdin.close()
     listening = proxy.wait_for("listening")
     assert listening["host"] == "127.0.0.1"
@@ -107,7 +96,7 @@ def test_wrong_password_exits_7_with_a_clear_message(lab: Lab):
     code, events, stderr = run_proxy(
         [*python_module("secshadow.cli"), "--secret-file", "-", "--json", "--viewer-command",
          f"{sys.executable} -c \"import socket; socket.create_connection(('{{host}}', {{port}})).recv(12)\""],
-        stdin=secret_json(lab, "00000000-0000-0000-0000-000000000000"),
+        stdin=lab.secret_json("00000000-0000-0000-0000-000000000000"),
     )
     assert code == 7, stderr
     assert events[-1]["code"] == "device-rejected"
@@ -116,11 +105,11 @@ def test_wrong_password_exits_7_with_a_clear_message(lab: Lab):
 
 
 def test_one_time_password_is_single_use(lab: Lab, tmp_path: Path):
-    password = _fresh_password(lab)
+    password = lab.fresh_password()
     first, _, err1 = run_proxy([*python_module("secshadow.cli"), "--secret-file", "-", "--json",
-                                "--snapshot", str(tmp_path / "a.png")], stdin=secret_json(lab, password))
+                                "--snapshot", str(tmp_path / "a.png")], stdin=lab.secret_json(password))
     second, events, _ = run_proxy([*python_module("secshadow.cli"), "--secret-file", "-", "--json",
-                                   "--snapshot", str(tmp_path / "b.png")], stdin=secret_json(lab, password))
+                                   "--snapshot", str(tmp_path / "b.png")], stdin=lab.secret_json(password))
     assert first == 0, err1
     assert second == 7 and events[-1]["code"] == "device-rejected"
     assert not (tmp_path / "b.png").exists()
@@ -147,7 +136,7 @@ def test_a_second_viewer_gets_a_fresh_password_from_the_ums(lab: Lab, tmp_path: 
 
 def test_max_viewers_with_a_file_secret_is_refused_up_front(lab: Lab):
     code, events, _ = run_proxy([*python_module("secshadow.cli"), "--json", "--secret-file", "-",
-                                 "--max-viewers", "2"], stdin=secret_json(lab, "p" * 36))
+                                 "--max-viewers", "2"], stdin=lab.secret_json("p" * 36))
     assert code == 2 and "works once" in events[-1]["message"]
 
 
@@ -244,7 +233,7 @@ def test_empty_certificate_is_a_clear_usage_error_never_skipped_pinning():
 def test_real_tigervnc_viewer_on_xvfb_shows_the_device_and_ends_the_session(lab: Lab, tmp_path: Path):
     for program in ("Xvfb", "vncviewer", "import"):
         require_program(program)
-    display = _start_xvfb(tmp_path)
+    display = start_xvfb(tmp_path)
     try:
         env = child_environment({"DISPLAY": display.name})
         proxy = ManagedProcess("tiger-proxy", lab.proxy_argv("--json", "--viewer", "tigervnc"), tmp_path, env=env)
@@ -255,7 +244,7 @@ def test_real_tigervnc_viewer_on_xvfb_shows_the_device_and_ends_the_session(lab:
         for _ in range(50):  # the window maps and paints shortly after the session starts
             subprocess.run(["import", "-display", display.name, "-window", "root", str(shot)],
                            check=True, capture_output=True, timeout=20)
-            colour_share = _share_of_colour(shot, lab.xvnc.background_rgb)
+            colour_share = share_of_colour(shot, lab.xvnc.background_rgb)
             if colour_share > 0.25:
                 break
             time.sleep(0.2)
@@ -272,23 +261,6 @@ def test_real_tigervnc_viewer_on_xvfb_shows_the_device_and_ends_the_session(lab:
 
 
 # ---------------------------------------------------------------- helpers
-def _fresh_password(lab: Lab) -> str:
-    """A fresh one-time password from the lab's IMI server (what a console fetches)."""
-    script = (
-        "import sys, json\n"
-        "from twisted.internet import task\n"
-        "from secshadow.imi import fetch_shadow_secret\n"
-        "from secshadow.umstrust import UMSTrust\n"
-        "async def main(reactor):\n"
-        f"    s = await fetch_shadow_secret(reactor, {lab.ums_url!r}, '27', 'admin',"
-        f" open({str(lab.password_file)!r}).read().strip(), UMSTrust.from_fingerprint({lab.ums_fingerprint!r}))\n"
-        "    sys.stdout.write(s.password.reveal())\n"
-        "task.react(lambda r: __import__('twisted.internet.defer', fromlist=['x']).ensureDeferred(main(r)))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=30,
-                            env=child_environment())
-    assert result.returncode == 0, result.stderr.decode()
-    return result.stdout.decode()
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -299,40 +271,3 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
             break
         data += chunk
     return data
-
-
-class _Xvfb:
-    def __init__(self, name: str, process: subprocess.Popen[bytes]) -> None:
-        self.name, self.process = name, process
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
-
-
-def _start_xvfb(tmp_path: Path) -> _Xvfb:
-    from secshadow.vnc import free_display
-
-    for _ in range(5):
-        number = free_display()
-        process = subprocess.Popen(["Xvfb", f":{number}", "-screen", "0", "1024x768x24", "-nolisten", "tcp"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(50):
-            if Path(f"/tmp/.X11-unix/X{number}").exists():
-                return _Xvfb(f":{number}", process)
-            if process.poll() is not None:
-                break
-            time.sleep(0.1)
-        process.kill()
-        process.wait()
-    raise RuntimeError("Xvfb did not start")
-
-
-def _share_of_colour(png: Path, rgb: tuple[int, int, int]) -> float:
-    from PIL import Image
-
-    with Image.open(png) as image:
-        rgb_image = image.convert("RGB")
-        colours = rgb_image.getcolors(maxcolors=1 << 24) or []
-        total = rgb_image.width * rgb_image.height
-        return sum(count for count, colour in colours if colour == rgb) / total

@@ -8,13 +8,11 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from secshadow.lab import Lab, child_environment, python_module, start_lab
+from secshadow.lab import Lab, child_environment, python_module
 from secshadow.tests.conftest import require_program
-from secshadow.tests.test_integration import _fresh_password
 
 pytestmark = pytest.mark.integration
 
@@ -33,12 +31,6 @@ def classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def lab() -> Any:
-    for program in ("Xvnc", "xsetroot", "openssl"):
-        require_program(program)
-    with start_lab() as running:
-        yield running
 
 
 def _secret_file(lab: Lab, tmp_path: Path, password: str) -> Path:
@@ -59,7 +51,7 @@ def _run_console(classes: Path, secret: Path, *proxy_args: str) -> subprocess.Co
 
 
 def test_java_console_shadows_the_device(classes: Path, lab: Lab, tmp_path: Path) -> None:
-    password = _fresh_password(lab)
+    password = lab.fresh_password()
     result = _run_console(classes, _secret_file(lab, tmp_path, password))
     out = result.stdout
     assert result.returncode == 0, out + result.stderr

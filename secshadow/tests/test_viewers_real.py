@@ -25,9 +25,15 @@ from typing import Any
 
 import pytest
 
-from secshadow.lab import Lab, ManagedProcess, child_environment, start_lab
+from secshadow.lab import Lab, ManagedProcess, child_environment
 from secshadow.tests.conftest import require_program
-from secshadow.tests.test_integration import _share_of_colour, _start_xvfb, _Xvfb
+from secshadow.tests._screens import Xvfb, share_of_colour, start_xvfb
+
+@pytest.fixture(autouse=True, scope="module")
+def _screen_programs() -> None:
+    for program in ("Xvfb", "import"):
+        require_program(program)
+
 
 pytestmark = pytest.mark.integration
 
@@ -35,24 +41,18 @@ pytestmark = pytest.mark.integration
 MIN_SHARE = 0.2
 
 
-@pytest.fixture(scope="module")
-def lab() -> Any:
-    for program in ("Xvnc", "xsetroot", "openssl", "Xvfb", "import"):
-        require_program(program)
-    with start_lab() as running:
-        yield running
 
 
 @pytest.fixture
 def xvfb(tmp_path: Path) -> Any:
-    display = _start_xvfb(tmp_path)
+    display = start_xvfb(tmp_path)
     try:
         yield display
     finally:
         display.stop()
 
 
-def _viewer_env(display: _Xvfb, tmp_path: Path) -> dict[str, str]:
+def _viewer_env(display: Xvfb, tmp_path: Path) -> dict[str, str]:
     """A private HOME (viewers write their settings there) and no session bus (so GTK
     single-instance viewers such as Remmina do not hand the URI to another instance)."""
     home = tmp_path / "home"
@@ -63,14 +63,14 @@ def _viewer_env(display: _Xvfb, tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _screenshot_until_device_visible(display: _Xvfb, lab: Lab, shot: Path, seconds: float = 10) -> float:
+def _screenshot_until_device_visible(display: Xvfb, lab: Lab, shot: Path, seconds: float = 10) -> float:
     share = 0.0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         subprocess.run(["import", "-display", display.name, "-window", "root", str(shot)],
                        check=True, capture_output=True, timeout=20)
         assert lab.xvnc is not None
-        share = _share_of_colour(shot, lab.xvnc.background_rgb)
+        share = share_of_colour(shot, lab.xvnc.background_rgb)
         if share > MIN_SHARE:
             break
         time.sleep(0.2)
@@ -115,7 +115,7 @@ REAL_VIEWERS = [
 
 @pytest.mark.parametrize("viewer, program", REAL_VIEWERS, ids=[v for v, _ in REAL_VIEWERS])
 def test_real_viewer_shows_the_device_and_its_exit_closes_the_session(
-        viewer: str, program: str, lab: Lab, xvfb: _Xvfb, tmp_path: Path) -> None:
+        viewer: str, program: str, lab: Lab, xvfb: Xvfb, tmp_path: Path) -> None:
     require_program(program)
     started_at = time.monotonic()
     proxy = ManagedProcess(f"{viewer}-proxy", lab.proxy_argv("--json", "--viewer", viewer), tmp_path,
@@ -140,7 +140,7 @@ def test_real_viewer_shows_the_device_and_its_exit_closes_the_session(
     assert time.monotonic() - started_at < 20
 
 
-def test_a_signal_to_the_proxy_terminates_and_reaps_the_viewer(lab: Lab, xvfb: _Xvfb, tmp_path: Path) -> None:
+def test_a_signal_to_the_proxy_terminates_and_reaps_the_viewer(lab: Lab, xvfb: Xvfb, tmp_path: Path) -> None:
     require_program("xtigervncviewer")
     proxy = ManagedProcess("sig-proxy", lab.proxy_argv("--json", "--viewer", "tigervnc"), tmp_path,
                            env=_viewer_env(xvfb, tmp_path))
@@ -158,7 +158,7 @@ def test_a_signal_to_the_proxy_terminates_and_reaps_the_viewer(lab: Lab, xvfb: _
     assert "[tigervnc]" in log  # the viewer's output is in the log
 
 
-def test_the_device_closing_terminates_and_reaps_the_viewer(lab: Lab, xvfb: _Xvfb, tmp_path: Path) -> None:
+def test_the_device_closing_terminates_and_reaps_the_viewer(lab: Lab, xvfb: Xvfb, tmp_path: Path) -> None:
     require_program("xtigervncviewer")
     device = lab.start_device(name="doomed-device")
     try:
