@@ -27,6 +27,8 @@ setup(
             "pytest>=8",
             "pytest-twisted>=1.14",
             "hypothesis>=6.100",
+            # pytest-timeout: a hung test fails with a traceback instead of stalling CI.
+            "pytest-timeout>=2.3",
         ],
     },
     entry_points={

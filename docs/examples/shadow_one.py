@@ -6,6 +6,7 @@
 Every event is a typed object from secshadow.events; as_dict() is the CLI's JSON.
 """
 
+import json
 import os
 import sys
 
@@ -22,11 +23,11 @@ from secshadow.viewers import launch, resolve_viewer, viewer_argv
 def on_event(event: events.Event) -> None:
     match event:
         case events.Listening(host=host, port=port):
-            print(f"viewer port: {host}:{port}")
+            print(f"viewer port: {host}:{port}", file=sys.stderr)
         case events.SessionStarted(rfb_version=version):
-            print(f"the device accepted the password ({version})")
-        case _:
-            print(event.as_dict())
+            print(f"the device accepted the password ({version})", file=sys.stderr)
+    # The same JSON as secshadow-proxy --json, one line per event, flushed at once.
+    print(json.dumps(event.as_dict()), flush=True)
 
 
 async def main(reactor, url: str, device: str, user: str, fingerprint: str, port: str = "5900") -> int:
@@ -40,9 +41,9 @@ async def main(reactor, url: str, device: str, user: str, fingerprint: str, port
     try:
         closed = await shadowing.done
     except SecShadowError as e:
-        print(f"failed ({e.code}): {e}")
+        print(f"failed ({e.code}): {e}", file=sys.stderr)
         return e.exit_code
-    print(f"closed: {closed.reason}, {closed.bytes_to_viewer} bytes to the viewer")
+    print(f"closed: {closed.reason}, {closed.bytes_to_viewer} bytes to the viewer", file=sys.stderr)
     return 0
 
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import ast
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from secshadow.lab import Lab, child_environment
+from secshadow.lab import Lab, ManagedProcess, child_environment
 from secshadow.tests._screens import start_xvfb
 from secshadow.tests.conftest import require_program
 
@@ -47,31 +45,16 @@ def test_shadow_one_with_a_real_viewer(lab: Lab, tmp_path: Path):
     display = start_xvfb(tmp_path)
     env = child_environment({"DISPLAY": display.name,
                              "SECSHADOW_UMS_PASSWORD": lab.password_file.read_text().strip()})
-    process = subprocess.Popen(
-        [sys.executable, str(EXAMPLES / "shadow_one.py"), lab.ums_url, "27", "admin", lab.ums_fingerprint,
-         str(lab.device_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    example = ManagedProcess(
+        "shadow_one", [sys.executable, str(EXAMPLES / "shadow_one.py"), lab.ums_url, "27", "admin",
+                       lab.ums_fingerprint, str(lab.device_port)], tmp_path, env=env)
     try:
-        lines: list[str] = []
-        pid = None
-        deadline = time.monotonic() + 30
-        assert process.stdout is not None
-        while time.monotonic() < deadline:
-            line = process.stdout.readline().decode()
-            if not line:
-                break
-            lines.append(line)
-            if "'viewer-started'" in line:
-                pid = ast.literal_eval(line)["pid"]
-            if "accepted the password" in line:
-                break
-        assert pid is not None and any("accepted the password" in line for line in lines), lines
-        os.kill(pid, signal.SIGTERM)  # the user closes the viewer
-        rest, err = process.communicate(timeout=20)
-        assert process.returncode == 0, err.decode()
-        assert "closed: viewer disconnected" in rest.decode()
+        viewer = example.wait_for("viewer-started", timeout=30)
+        example.wait_for("session-started", timeout=30)
+        os.kill(viewer["pid"], signal.SIGTERM)  # the user closes the viewer
+        assert example.process.wait(timeout=20) == 0, example.log_tail()
+        closed = example.wait_for("closed", timeout=5)
+        assert closed["reason"] == "viewer disconnected"
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+        example.stop()
         display.stop()
