@@ -288,9 +288,11 @@ class ScriptedDevice:
     def stop(self) -> None:
         self._stopped.set()
         self._listener.close()
-        self._accept_thread.join(2)
-        for thread in list(self._threads):
-            thread.join(2)
+        # A script may stop its own device from a connection thread: never join oneself.
+        current = threading.current_thread()
+        for thread in [self._accept_thread, *self._threads]:
+            if thread is not current:
+                thread.join(2)
 
     def __enter__(self) -> ScriptedDevice:
         return self
@@ -591,6 +593,10 @@ def simple_viewer(send: bytes = b"", chunk: int = 0, half_close: bool = False, r
     def viewer(port: int) -> tuple[bytes, bool]:
         try:
             s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        except ConnectionResetError:
+            # The proxy accepted and then aborted the connection (a session that failed
+            # at once) before this thread returned from connect(): closed, nothing read.
+            return b"", True
         except OSError as e:
             return f"<connect failed: {e}>".encode(), True
         with s:
