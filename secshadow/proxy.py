@@ -215,7 +215,6 @@ class ShadowSession:
         self._done: Deferred[events.Closed] = Deferred()
         self._started_at = self._clock.seconds()
         self._finishing = False
-        self.listening_address: tuple[str, int] | None = None
 
     # ------------------------------------------------------------------ API
     def start(self) -> Deferred[events.Closed]:
@@ -290,7 +289,6 @@ class ShadowSession:
         if isinstance(host, bytes):
             host = host.decode()
         number = getattr(address, "port", 0)
-        self.listening_address = (str(host), int(number))
         self.state = SessionState.LISTENING
         self._emit(events.Listening(host=str(host), port=int(number)))
         if not _is_loopback(str(host)):

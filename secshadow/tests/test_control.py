@@ -61,6 +61,14 @@ SESSIONS = 20
 
 
 
+def _control_argv(lab: Lab) -> list[str]:
+    """``secshadow-proxy --control stdio`` with the lab's IMI flags (no --device: per request)."""
+    argv = lab.proxy_argv("--control", "stdio")
+    i = argv.index("--device")
+    del argv[i:i + 2]
+    return argv
+
+
 def _server_init(port: int) -> tuple[int, int, bytes]:
     """A minimal RFB client (RFC 6143 7.1-7.3): version, security type None, ClientInit
     (shared), ServerInit. Returns (width, height, desktop name)."""
@@ -89,9 +97,7 @@ def _server_init(port: int) -> tuple[int, int, bytes]:
 
 @pytest.mark.integration
 def test_twenty_concurrent_sessions_in_one_control_process(lab: Lab, tmp_path: Path):
-    argv = lab.proxy_argv("--control", "stdio")
-    i = argv.index("--device")
-    del argv[i:i + 2]
+    argv = _control_argv(lab)
     proxy = ManagedProcess("control", argv, tmp_path, env=child_environment(), stdin=subprocess.PIPE)
     assert proxy.process.stdin is not None
     started = time.monotonic()
@@ -131,9 +137,7 @@ def test_twenty_concurrent_sessions_in_one_control_process(lab: Lab, tmp_path: P
 
 @pytest.mark.integration
 def test_close_one_session_while_others_run(lab: Lab, tmp_path: Path):
-    argv = lab.proxy_argv("--control", "stdio")
-    i = argv.index("--device")
-    del argv[i:i + 2]
+    argv = _control_argv(lab)
     proxy = ManagedProcess("control-close", argv, tmp_path, env=child_environment(), stdin=subprocess.PIPE)
     assert proxy.process.stdin is not None
     for name in ("keep", "drop"):
