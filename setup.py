@@ -9,8 +9,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(),
-    include_package_data=True,
+    packages=find_packages(exclude=["secshadow.tests", "secshadow.tests.*"]),
+    package_data={"secshadow": ["py.typed"]},
     install_requires=[
         "Twisted>=24.7",
         "pyOpenSSL>=24.0",
@@ -34,9 +34,10 @@ setup(
     entry_points={
         "console_scripts": [
             "secshadow-proxy = secshadow.cli:main",
-            "secshadow-device = secshadow.device.cli:main",
-            "secshadow-ums = secshadow.ums.cli:main",
-            "secshadow-matrix = secshadow.matrix:main",
+            "secshadow-device = secshadow.lab.device.cli:main",
+            "secshadow-ums = secshadow.lab.imiserver.cli:main",
+            "secshadow-matrix = secshadow.lab.matrix:main",
+            "secshadow-demo = secshadow.lab.demo:main",
         ],
     },
     classifiers=[

@@ -25,9 +25,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from secshadow import certs  # noqa: E402
-from secshadow.lab import child_environment, python_module  # noqa: E402
-from secshadow.tests._scripted import HELLO, DeviceConn, PeerClosed, ScriptedDevice, rss_kib, secret_json  # noqa: E402
+from secshadow.lab import certs  # noqa: E402
+from secshadow.lab.harness import child_environment, python_module  # noqa: E402
+from secshadow.lab.scripted import HELLO, DeviceConn, PeerClosed, ScriptedDevice, rss_kib, secret_json  # noqa: E402
 
 CHUNK = 64 * 1024
 

@@ -26,9 +26,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from secshadow import certs  # noqa: E402
-from secshadow.lab import child_environment  # noqa: E402
-from secshadow.tests._scripted import (  # noqa: E402
+from secshadow.lab import certs  # noqa: E402
+from secshadow.lab.harness import child_environment  # noqa: E402
+from secshadow.lab.scripted import (  # noqa: E402
     HELLO,
     DeviceConn,
     PeerClosed,
@@ -65,7 +65,7 @@ def run(sessions: int) -> dict[str, Any]:
     from secshadow import events as ev
     from secshadow.proxy import SessionOptions, ShadowSession
     from secshadow.secret import OneTimePassword, ShadowSecret
-    from secshadow.tests._tls import der_of
+    from secshadow.lab.certs import der_of
 
     import tempfile
 

@@ -1,4 +1,4 @@
-"""Run ``secshadow-device`` as a real subprocess (``python -m secshadow.device.cli``)."""
+"""Run ``secshadow-device`` as a real subprocess (``python -m secshadow.lab.device.cli``)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def cli_env() -> dict[str, str]:
 def run_cli(args: Sequence[str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
     """Run the CLI to completion (for flag errors and ``--list-firmware``)."""
     return subprocess.run(  # noqa: S603
-        [sys.executable, "-m", "secshadow.device.cli", *args],
+        [sys.executable, "-m", "secshadow.lab.device.cli", *args],
         capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=ROOT,
     )
 
@@ -34,7 +34,7 @@ class DeviceProcess:
 
     def __init__(self, args: Sequence[str], timeout: float = 15.0) -> None:
         self.proc = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "secshadow.device.cli", "--listen", "tcp:0:interface=127.0.0.1", *args],
+            [sys.executable, "-m", "secshadow.lab.device.cli", "--listen", "tcp:0:interface=127.0.0.1", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), cwd=ROOT,
         )
         self.events: list[dict[str, Any]] = []

@@ -6,7 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from secshadow.vnc import free_display
+from secshadow.lab.vnc import free_display
 
 
 class Xvfb:

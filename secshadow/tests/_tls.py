@@ -19,7 +19,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
 from zope.interface import implementer
 
-from secshadow import certs
+from secshadow.lab import certs
 from secshadow.pinning import PinnedConnectionCreator, TLSProfile
 from secshadow.tunnel import DeviceLink
 
@@ -54,8 +54,7 @@ class RecordingServer(Protocol):
         self.received += data
 
 
-def der_of(cert_pem: bytes) -> bytes:
-    return crypto.dump_certificate(crypto.FILETYPE_ASN1, crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem))
+from secshadow.lab.certs import der_of  # noqa: E402,F401 - re-exported for the tests
 
 
 @dataclass

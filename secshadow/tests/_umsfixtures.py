@@ -8,7 +8,7 @@ from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
 from secshadow.tests._umscerts import device_certificate_pem
-from secshadow.ums.server import UMSConfig, UMSResource, UMSState, config_from_dict
+from secshadow.lab.imiserver.server import UMSConfig, UMSResource, UMSState, config_from_dict
 
 ADMIN_PASSWORD = "s3cret-Admin-pw!"
 OPS_PASSWORD = "ops-Pa55word"

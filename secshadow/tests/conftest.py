@@ -36,7 +36,7 @@ def lab() -> Iterator[object]:
     need another device start their own with ``lab.start_device(...)``."""
     for program in ("Xvnc", "xsetroot", "openssl"):
         require_program(program)
-    from secshadow.lab import start_lab
+    from secshadow.lab.harness import start_lab
 
     with start_lab() as running:
         yield running

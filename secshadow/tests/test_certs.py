@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtensionOID, NameOID
 
-from secshadow import certs
+from secshadow.lab import certs
 from secshadow.secret import certificate_fingerprint, parse_certificate
 
 

@@ -16,7 +16,7 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock
 
 from secshadow.control import Controller
-from secshadow.lab import Lab, ManagedProcess, child_environment
+from secshadow.lab.harness import Lab, ManagedProcess, child_environment
 
 
 def _controller() -> tuple[Controller, list[dict[str, Any]]]:

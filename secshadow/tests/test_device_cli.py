@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from secshadow import certs
+from secshadow.lab import certs
 from secshadow.secret import certificate_fingerprint
 from secshadow.tests._device_helpers import PASSWORD
 from secshadow.tests._device_process import DeviceProcess, run_cli

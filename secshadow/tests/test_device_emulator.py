@@ -11,9 +11,9 @@ import pytest_twisted
 from OpenSSL import SSL
 from twisted.internet import defer
 
-from secshadow import certs
-from secshadow.device.emulator import DeviceEmulator, OneShotPasswordChecker
-from secshadow.device.firmware import get_profile
+from secshadow.lab import certs
+from secshadow.lab.device.emulator import DeviceEmulator, OneShotPasswordChecker
+from secshadow.lab.device.firmware import get_profile
 from secshadow.secret import OneTimePassword
 from secshadow.tests._device_helpers import (
     HELLO,

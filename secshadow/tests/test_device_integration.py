@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 def xvnc() -> Any:
     require_program("Xvnc")
     require_program("xsetroot")
-    from secshadow.vnc import run_xvnc
+    from secshadow.lab.vnc import run_xvnc
 
     with run_xvnc(background="#1f6feb") as server:
         yield server

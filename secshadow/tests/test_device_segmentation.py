@@ -16,9 +16,9 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from zope.interface import implementer
 
-from secshadow import certs
-from secshadow.device.emulator import DeviceEmulator
-from secshadow.device.firmware import get_profile
+from secshadow.lab import certs
+from secshadow.lab.device.emulator import DeviceEmulator
+from secshadow.lab.device.firmware import get_profile
 from secshadow.tests._device_helpers import HELLO, PASSWORD
 
 PAIR = certs.generate_self_signed("ecdsa-p256")

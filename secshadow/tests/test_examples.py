@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from secshadow.lab import Lab, ManagedProcess, child_environment
+from secshadow.lab.harness import Lab, ManagedProcess, child_environment
 from secshadow.tests._screens import start_xvfb
 from secshadow.tests.conftest import require_program
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from OpenSSL import SSL, crypto
 
-from secshadow.certs import certificate_sha256
+from secshadow.lab.certs import certificate_sha256
 from secshadow.pinning import TLSProfile, build_context
 
-from secshadow.device.legacycerts import describe
+from secshadow.lab.device.legacycerts import describe
 from secshadow.tests._device_helpers import PASSWORD
 from secshadow.tests._device_process import DeviceProcess, run_cli
 from secshadow.tests.conftest import require_program

@@ -7,8 +7,8 @@ import pytest
 from OpenSSL import SSL
 from twisted.python.failure import Failure
 
-from secshadow.device.emulator import OneShotPasswordChecker
-from secshadow.device.firmware import PROFILES, ServerTLSCreator, build_server_context, get_profile
+from secshadow.lab.device.emulator import OneShotPasswordChecker
+from secshadow.lab.device.firmware import PROFILES, ServerTLSCreator, build_server_context, get_profile
 from secshadow.errors import TLSHandshakeError, UsageError
 from secshadow.pinning import TLSProfile, describe_handshake_failure
 from secshadow.secret import OneTimePassword
@@ -37,7 +37,7 @@ def test_legacy_tls10_is_the_old_sample() -> None:
 
 @pytest.mark.parametrize("name", ["legacy-3des", "legacy-no-renego"])
 def test_gnutls_only_profiles_are_refused_by_the_openssl_emulator_with_a_pointer(name: str) -> None:
-    from secshadow import certs
+    from secshadow.lab import certs
 
     cert, key = certs.generate_self_signed()
     with pytest.raises(UsageError, match="gnutls"):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from secshadow import certs
-from secshadow.lab import Lab, ManagedProcess, child_environment, python_module
+from secshadow.lab import certs
+from secshadow.lab.harness import Lab, ManagedProcess, child_environment, python_module
 from secshadow.snapshot import read_pixel
 from secshadow.tests._screens import share_of_colour, start_xvfb
 from secshadow.tests.conftest import require_program

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from secshadow.lab import Lab, child_environment, python_module
+from secshadow.lab.harness import Lab, child_environment, python_module
 from secshadow.tests.conftest import require_program
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from cryptography import x509
 
-from secshadow.device.legacycerts import LegacyCertSpec, describe, generate_legacy_pair, legacy_twin
+from secshadow.lab.device.legacycerts import LegacyCertSpec, describe, generate_legacy_pair, legacy_twin
 from secshadow.tests.conftest import require_program
 
 

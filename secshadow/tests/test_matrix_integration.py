@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from secshadow import matrix
-from secshadow.device.firmware import PROFILES
-from secshadow.lab import child_environment
+from secshadow.lab import matrix
+from secshadow.lab.device.firmware import PROFILES
+from secshadow.lab.harness import child_environment
 from secshadow.tests.conftest import require_program
 
 pytestmark = pytest.mark.integration

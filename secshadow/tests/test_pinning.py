@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from OpenSSL import SSL
 
-from secshadow import certs
+from secshadow.lab import certs
 from secshadow.errors import PinMismatch, TLSHandshakeError, UsageError
 from secshadow.pinning import PinnedConnectionCreator, TLSProfile, build_context, check_peer
 from secshadow.tests._tls import ServerCreator, der_of, pinned_pair

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.testing import MemoryReactorClock
 
-from secshadow import certs, cli
+from secshadow import cli
+from secshadow.lab import certs
 from secshadow.errors import SecretError, UMSError, UsageError
 from secshadow.imi import error_from_response, itg_error, secret_from_response, validate_base_url, validate_device_id
 from secshadow.secret import OneTimePassword, load_secret, parse_certificate, parse_host, secret_from_document

@@ -13,7 +13,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
 
-from secshadow import certs, events
+from secshadow import events
+from secshadow.lab import certs
 from secshadow.errors import DeviceRejected, DeviceUnreachable, TLSHandshakeError, ViewerError
 from secshadow.pinning import PinnedConnectionCreator
 from secshadow.proxy import SessionOptions, SessionState, ShadowSession

@@ -19,11 +19,11 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 
-from secshadow import certs
+from secshadow.lab import certs
 from secshadow.errors import UMSError
 from secshadow.imi import fetch_shadow_secret
 from secshadow.secret import OneTimePassword, ShadowSecret
-from secshadow.tests._scripted import (
+from secshadow.lab.scripted import (
     HELLO,
     DeviceConn,
     HTTPScript,

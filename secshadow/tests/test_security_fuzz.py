@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest_twisted
 
-from secshadow import certs
+from secshadow.lab import certs
 from secshadow.secret import OneTimePassword, ShadowSecret
-from secshadow.tests._scripted import HELLO, DeviceConn, PeerClosed, ScriptedDevice, run_session, simple_viewer
+from secshadow.lab.scripted import HELLO, DeviceConn, PeerClosed, ScriptedDevice, run_session, simple_viewer
 from secshadow.tests._tls import der_of
 
 SEED = 20261121

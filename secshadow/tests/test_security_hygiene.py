@@ -25,12 +25,13 @@ from twisted.internet.defer import Deferred
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from secshadow import certs, events
+from secshadow import events
+from secshadow.lab import certs
 from secshadow.errors import SecShadowError
-from secshadow.lab import Lab, ManagedProcess, child_environment, start_lab
+from secshadow.lab.harness import Lab, ManagedProcess, child_environment, start_lab
 from secshadow.proxy import SessionOptions, ShadowSession
 from secshadow.secret import OneTimePassword, ShadowSecret
-from secshadow.tests._scripted import (
+from secshadow.lab.scripted import (
     HELLO,
     DeviceConn,
     HTTPScript,

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from secshadow import certs
-from secshadow.lab import ManagedProcess, child_environment, python_module
+from secshadow.lab import certs
+from secshadow.lab.harness import ManagedProcess, child_environment, python_module
 from secshadow.tests import _umscerts
-from secshadow.tests._scripted import (
+from secshadow.lab.scripted import (
     DeviceConn,
     HTTPScript,
     ScriptedDevice,
@@ -188,7 +188,7 @@ def test_device_emulator_with_a_twin_certificate_is_refused(tmp_path: Path, file
     accept = tmp_path / "accept"
     accept.write_text(PASSWORD)
     impostor = ManagedProcess("impostor-emulator", [
-        *python_module("secshadow.device.cli"), "--listen", "tcp:0:interface=127.0.0.1",
+        *python_module("secshadow.lab.device.cli"), "--listen", "tcp:0:interface=127.0.0.1",
         "--cert", str(files["twin.crt"]), "--key", str(files["twin.key"]),
         "--accept-password-file", str(accept), "--vnc", "127.0.0.1:9"], tmp_path, env=child_environment())
     try:

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest_twisted
 
-from secshadow import certs
+from secshadow.lab import certs
 from secshadow.secret import OneTimePassword, ShadowSecret
-from secshadow.tests._scripted import HELLO, DeviceConn, PeerClosed, ScriptedDevice, recv_until_closed, run_session
+from secshadow.lab.scripted import HELLO, DeviceConn, PeerClosed, ScriptedDevice, recv_until_closed, run_session
 from secshadow.tests._tls import der_of
 
 CERT, KEY = certs.generate_self_signed()

@@ -161,7 +161,7 @@ async def test_snapshot_of_real_xvnc(tmp_path: Path) -> None:
     require_program("xsetroot")
     from twisted.internet import reactor
 
-    from secshadow.vnc import run_xvnc
+    from secshadow.lab.vnc import run_xvnc
 
     with run_xvnc(background="#1f6feb") as server:
         path = tmp_path / "xvnc.png"

@@ -22,8 +22,8 @@ from secshadow.imi import fetch_shadow_secret
 from secshadow.secret import parse_certificate
 from secshadow.tests._umscerts import make_leaf
 from secshadow.tests._umsfixtures import ADMIN_PASSWORD, DEVICE_PEM, config_dict, make_server
-from secshadow.ums.otpcheck import verify_otp
-from secshadow.ums.server import (
+from secshadow.lab.imiserver.otpcheck import verify_otp
+from secshadow.lab.imiserver.server import (
     OTP_LIFETIME_SECONDS,
     ConfigError,
     config_from_dict,
@@ -269,7 +269,7 @@ def test_generated_certificate_is_reused_and_names_localhost(tmp_path):
 async def test_verify_otp_client_over_https(tmp_path):
     cert, key = generate_self_signed(str(tmp_path))
     tls, fingerprint = load_tls(cert, key)
-    from secshadow.ums.server import config_from_dict as build
+    from secshadow.lab.imiserver.server import config_from_dict as build
 
     site = make_site(build(config_dict(), environ={}), reactor)
     port = reactor.listenSSL(0, site, tls, interface="127.0.0.1")
@@ -291,7 +291,7 @@ async def test_verify_otp_client_over_https(tmp_path):
 def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run(
-        [sys.executable, "-m", "secshadow.ums.cli", *args],
+        [sys.executable, "-m", "secshadow.lab.imiserver.cli", *args],
         capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO),
     )
 
@@ -340,7 +340,7 @@ def test_cli_stops_cleanly_on_a_signal_right_after_listening(tmp_path, sig):
     path = tmp_path / "ums.json"
     path.write_text(json.dumps(config_dict()))
     process = subprocess.Popen(
-        [sys.executable, "-m", "secshadow.ums.cli", "--config", str(path), "--generate-cert",
+        [sys.executable, "-m", "secshadow.lab.imiserver.cli", "--config", str(path), "--generate-cert",
          str(tmp_path / "c"), "--listen", "tcp:0:interface=127.0.0.1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=str(REPO),
@@ -377,7 +377,7 @@ async def test_cli_serves_a_secret_end_to_end(tmp_path):
     port_file = tmp_path / "port"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     process = subprocess.Popen(
-        [sys.executable, "-m", "secshadow.ums.cli", "--config", str(config),
+        [sys.executable, "-m", "secshadow.lab.imiserver.cli", "--config", str(config),
          "--generate-cert", str(tmp_path / "certs"), "--listen", "tcp:0:interface=127.0.0.1",
          "--port-file", str(port_file)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO),

@@ -15,7 +15,7 @@ from twisted.web.server import Site
 from secshadow.errors import UMSError, UsageError
 from secshadow.imi import connection_error
 from secshadow.tests._umscerts import Pair, make_ca, make_leaf
-from secshadow.ums.server import ServerTLS
+from secshadow.lab.imiserver.server import ServerTLS
 from secshadow.umstrust import UMSTrust, find_ums_error, parse_fingerprint
 
 

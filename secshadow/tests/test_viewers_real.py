@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from secshadow.lab import Lab, ManagedProcess, child_environment
+from secshadow.lab.harness import Lab, ManagedProcess, child_environment
 from secshadow.tests.conftest import require_program
 from secshadow.tests._screens import Xvfb, share_of_colour, start_xvfb
 

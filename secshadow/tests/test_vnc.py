@@ -1,4 +1,4 @@
-"""secshadow.vnc: a real Xvnc for tests and the demo."""
+"""secshadow.lab.vnc: a real Xvnc for tests and the demo."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from secshadow import vnc
+from secshadow.lab import vnc
 from secshadow.tests.conftest import require_program
 
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Sequence
 
-from secshadow import certs
-from secshadow.vnc import XvncServer, start_xvnc
+from secshadow.lab import certs
+from secshadow.lab.vnc import XvncServer, start_xvnc
 
 #: The IMI id and name of the lab's one device.
 DEVICE_ID = "27"
@@ -189,7 +189,7 @@ class Lab:
         passwords with the lab's IMI server; returns it once it listens."""
         vnc_port = self.xvnc.rfb_port if self.xvnc else 5901
         process = ManagedProcess(name, [
-            *python_module("secshadow.device.cli"), "--listen", "tcp:0:interface=127.0.0.1",
+            *python_module("secshadow.lab.device.cli"), "--listen", "tcp:0:interface=127.0.0.1",
             "--cert", str(cert or self.device_cert), "--key", str(key or self.device_key),
             "--vnc", f"127.0.0.1:{vnc_port}", "--ums", self.ums_url, "--device-id", DEVICE_ID,
             "--ums-fingerprint", self.ums_fingerprint, *extra,
@@ -224,7 +224,7 @@ def start_lab(workdir: Path | None = None, *, with_xvnc: bool = True, device_arg
     """Start Xvnc (optional), ``secshadow-ums`` and ``secshadow-device``; returns a :class:`Lab`.
 
     ``progress``: called with a sentence before each step (the demo prints them).
-    Raises :class:`LabError` or :class:`secshadow.vnc.XvncError` when a program fails.
+    Raises :class:`LabError` or :class:`secshadow.lab.vnc.XvncError` when a program fails.
     """
     say = progress or (lambda text: None)
     owns = workdir is None
@@ -254,7 +254,7 @@ def start_lab(workdir: Path | None = None, *, with_xvnc: bool = True, device_arg
         config_path.write_text(json.dumps(config, indent=2))
         say("starting the reference IMI server (secshadow-ums, HTTPS, self-signed)")
         lab.ums = ManagedProcess("ums", [
-            *python_module("secshadow.ums.cli"), "--config", str(config_path),
+            *python_module("secshadow.lab.imiserver.cli"), "--config", str(config_path),
             "--listen", "tcp:0:interface=127.0.0.1", "--generate-cert", str(work / "ums-tls"),
         ], work, env=child_environment({"SECSHADOW_LAB_UMS_PASSWORD": password}))
         listening = lab.ums.wait_for("listening")

@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 
-from secshadow.lab import child_environment, python_module
+from secshadow.lab.harness import child_environment, python_module
 
 HELLO = b"RFB 003.008\n"
 COMMAND_LENGTH = len(b"PROCYCMD PW_") + 36  # a UUID password, no terminator

@@ -208,3 +208,10 @@ def certificate_sha256(cert_pem: bytes) -> str:
 
     der = x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
     return certificate_fingerprint(der)
+
+
+def der_of(cert_pem: bytes) -> bytes:
+    """The DER bytes of a PEM certificate (pyOpenSSL: it also reads the odd legacy ones)."""
+    from OpenSSL import crypto
+
+    return crypto.dump_certificate(crypto.FILETYPE_ASN1, crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem))

@@ -1,4 +1,4 @@
-"""``secshadow-ums``: run the reference IMI server (see :mod:`secshadow.ums.server`).
+"""``secshadow-ums``: run the reference IMI server (see :mod:`secshadow.lab.imiserver.server`).
 
 Usage::
 
@@ -33,7 +33,7 @@ from twisted.logger import FilteringLogObserver, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from secshadow.errors import UsageError
-from secshadow.ums.server import ConfigError, generate_self_signed, load_config, load_tls, make_site
+from secshadow.lab.imiserver.server import ConfigError, generate_self_signed, load_config, load_tls, make_site
 
 PROG = "secshadow-ums"
 DEFAULT_LISTEN = "tcp:8443:interface=127.0.0.1"

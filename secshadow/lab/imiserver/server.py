@@ -28,8 +28,8 @@ ITG-0B003     403     the user may not access that device (``devices``)
 ITG-0C001     403     shadow facet without licence (``shadow_licensed``)
 ============  ======  ==================================================
 
-Device-emulator endpoint (not part of IMI; stable, used by ``secshadow.device`` through
-:func:`secshadow.ums.otpcheck.verify_otp`):
+Device-emulator endpoint (not part of IMI; stable, used by ``secshadow.lab.device`` through
+:func:`secshadow.lab.imiserver.otpcheck.verify_otp`):
 
 ``POST /secshadow-device/v1/verify-otp``
     Request body (JSON, at most 4 KiB): ``{"device_id": "27", "password": "<otp>"}``.
@@ -76,7 +76,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from secshadow import certs
+from secshadow.lab import certs
 from secshadow.errors import SecretError, UsageError
 from secshadow.secret import certificate_fingerprint, parse_certificate
 
@@ -91,7 +91,7 @@ VERIFY_OTP_PATH = "/secshadow-device/v1/verify-otp"
 
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9._~-]{1,64}$")
 _MAC = re.compile(r"^[0-9A-Fa-f]{12}$")
-_log = Logger(namespace="secshadow.ums")
+_log = Logger(namespace="secshadow.lab.imiserver")
 
 
 class ConfigError(UsageError):
@@ -533,7 +533,7 @@ def make_site(config: UMSConfig, clock: Clock | None = None) -> UMSSite:
 def generate_self_signed(directory: str) -> tuple[str, str]:
     """Create (or reuse) ``ums-cert.pem`` and ``ums-key.pem`` in ``directory``.
 
-    The certificate (from :func:`secshadow.certs.generate_self_signed`) is self-signed,
+    The certificate (from :func:`secshadow.lab.certs.generate_self_signed`) is self-signed,
     EC P-256, valid for 825 days, with subjectAltName ``DNS:localhost, IP:127.0.0.1, IP:::1``. Existing files are reused so the
     fingerprint stays stable across restarts. Returns ``(cert_path, key_path)``;
     raises :class:`ConfigError` if the directory cannot be written.

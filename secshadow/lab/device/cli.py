@@ -131,7 +131,7 @@ def _read(path: str, what: str) -> bytes:
 
 
 def _checker_factory(args: argparse.Namespace) -> Any:
-    from secshadow.device.emulator import OneShotPasswordChecker
+    from secshadow.lab.device.emulator import OneShotPasswordChecker
     from secshadow.secret import OneTimePassword
 
     if args.accept_password_file and args.ums:
@@ -168,7 +168,7 @@ def _checker_factory(args: argparse.Namespace) -> Any:
     url, device_id = args.ums, args.device_id
 
     def factory(reactor: Any) -> Any:
-        from secshadow.ums.otpcheck import verify_otp
+        from secshadow.lab.imiserver.otpcheck import verify_otp
 
         return lambda password: verify_otp(reactor, url, device_id, password, trust)
 
@@ -177,8 +177,8 @@ def _checker_factory(args: argparse.Namespace) -> Any:
 
 def configure(args: argparse.Namespace) -> _Config:
     """Validate flags and load files; raises :class:`UsageError` with a user-facing message."""
-    from secshadow import certs
-    from secshadow.device.firmware import build_server_context, get_profile
+    from secshadow.lab import certs
+    from secshadow.lab.device.firmware import build_server_context, get_profile
 
     profile = get_profile(args.firmware)
     overrides: dict[str, Any] = {}
@@ -197,7 +197,7 @@ def configure(args: argparse.Namespace) -> _Config:
     # Every other flag is checked before --generate-cert writes files.
     checker_factory = _checker_factory(args)
     if args.generate_cert:
-        from secshadow.device.legacycerts import LegacyCertError
+        from secshadow.lab.device.legacycerts import LegacyCertError
 
         try:
             generated = profile.generate_certificate()
@@ -249,7 +249,7 @@ async def _run(reactor: Any, config: _Config) -> None:
     from twisted.internet.defer import Deferred
     from twisted.internet.task import deferLater
 
-    from secshadow.device.emulator import DeviceEmulator, DeviceListening
+    from secshadow.lab.device.emulator import DeviceEmulator, DeviceListening
     from secshadow.events import Event
 
     # react() calls this before reactor.run() installs the SIGINT/SIGTERM handlers; wait
@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with a usage message on bad flags
     if args.list_firmware:
-        from secshadow.device.firmware import PROFILES
+        from secshadow.lab.device.firmware import PROFILES
 
         for profile in PROFILES.values():
             print(f"{profile.name:16} {profile.description} [stacks: {', '.join(profile.stacks)}]")

@@ -3,7 +3,7 @@
 A real IGEL device hands the password it received after ``PROCYCMD PW_`` to the UMS
 over its own management channel, which is not public (``docs/protocol.md`` section 2,
 step 6). The emulator uses ``POST /secshadow-device/v1/verify-otp`` of
-``secshadow-ums`` instead; the endpoint is specified in :mod:`secshadow.ums.server`.
+``secshadow-ums`` instead; the endpoint is specified in :mod:`secshadow.lab.imiserver.server`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from secshadow.errors import UMSError
 from secshadow.imi import connection_error, validate_base_url, validate_device_id
 from secshadow.secret import OneTimePassword
-from secshadow.ums.server import VERIFY_OTP_PATH
+from secshadow.lab.imiserver.server import VERIFY_OTP_PATH
 from secshadow.umstrust import UMSTrust
 
 

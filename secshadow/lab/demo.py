@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from secshadow.lab import LabError, ManagedProcess, child_environment, start_lab
-from secshadow.vnc import XvncError
+from secshadow.lab.harness import LabError, ManagedProcess, child_environment, start_lab
+from secshadow.lab.vnc import XvncError
 
 
 def _say(text: str) -> None:

@@ -26,7 +26,7 @@ Which TLS stack plays a profile (``stacks``; see ``docs/firmware.md``):
 
 ``expect_modern`` / ``expect_legacy``: the outcome the console should get with each
 client profile, as a ``secshadow-proxy`` error code (``"ok"`` for a session that reached
-the RFB greeting); the matrix (``secshadow.matrix``) checks them.
+the RFB greeting); the matrix (``secshadow.lab.matrix``) checks them.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ class FirmwareProfile:
     - ``refuse_after``: if not ``None``, the local user refuses: after an accepted
       password the device waits this many seconds and closes without a word.
     - ``key_type``: the key ``--generate-cert`` makes for this firmware (see
-      :data:`secshadow.certs.KEY_TYPES`).
-    - ``legacy_cert``: if set, a key of :data:`secshadow.device.legacycerts.SPECS`: the
+      :data:`secshadow.lab.certs.KEY_TYPES`).
+    - ``legacy_cert``: if set, a key of :data:`secshadow.lab.device.legacycerts.SPECS`: the
       certificate is made with the ``openssl`` CLI instead (MD5/SHA-1, X.509 v1, expired).
     - ``stacks``: the TLS stacks that can play this firmware (``emulator``, ``stunnel``,
       ``gnutls``; see the module docstring).
@@ -151,12 +151,12 @@ class FirmwareProfile:
 
     def generate_certificate(self) -> tuple[bytes, bytes]:
         """A fresh ``(cert_pem, key_pem)`` of this firmware's kind (``legacy_cert`` needs
-        the ``openssl`` CLI; raises :class:`secshadow.device.legacycerts.LegacyCertError`)."""
+        the ``openssl`` CLI; raises :class:`secshadow.lab.device.legacycerts.LegacyCertError`)."""
         if self.legacy_cert is not None:
-            from secshadow.device.legacycerts import generate_legacy_pair
+            from secshadow.lab.device.legacycerts import generate_legacy_pair
 
             return generate_legacy_pair(self.legacy_cert)
-        from secshadow import certs
+        from secshadow.lab import certs
 
         return certs.generate_self_signed(key_type=self.key_type)
 
@@ -323,7 +323,7 @@ def build_server_context(profile: FirmwareProfile, cert_pem: bytes, key_pem: byt
         raise UsageError(
             f"firmware {profile.name!r} cannot be served by this emulator's OpenSSL "
             f"({SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}); it needs the {' or '.join(profile.stacks)} "
-            "stack: run it with secshadow-matrix or secshadow.matrix.start_device()"
+            "stack: run it with secshadow-matrix or secshadow.lab.matrix.start_device()"
         )
     certificate, key = load_key_pair(cert_pem, key_pem)
     context = SSL.Context(SSL.TLS_METHOD)

@@ -1,6 +1,6 @@
 """Old-firmware device certificates, made with the ``openssl`` command line.
 
-``cryptography`` signs only with SHA-2 and always writes X.509 v3 (``secshadow.certs``);
+``cryptography`` signs only with SHA-2 and always writes X.509 v3 (``secshadow.lab.certs``);
 devices in the field present certificates like IGEL's public sample (PROTOCOL.md
 section 1): RSA-1024 with public exponent 65337, ``md5WithRSAEncryption``, subject =
 issuer = ``C=DE, L=Bremen, O=IGEL``, no CN, no SAN, sometimes X.509 v1, often expired.
@@ -172,12 +172,12 @@ def generate_legacy_pair(spec: LegacyCertSpec | str = "rsa1024-md5-v1-expired",
 def legacy_twin(cert_pem: bytes) -> tuple[bytes, bytes]:
     """An impostor for an old certificate: same subject, issuer, serial, dates, version,
     signature hash and key size, but a fresh key (so another DER). Unlike
-    :func:`secshadow.certs.twin_of` it keeps MD5/SHA-1 and X.509 v1, so it looks exactly
+    :func:`secshadow.lab.certs.twin_of` it keeps MD5/SHA-1 and X.509 v1, so it looks exactly
     like the original to anyone who does not compare bytes."""
     original = x509.load_pem_x509_certificate(cert_pem)
     public = original.public_key()
     if not isinstance(public, rsa.RSAPublicKey):
-        raise ValueError("legacy_twin supports RSA certificates only (use secshadow.certs.twin_of)")
+        raise ValueError("legacy_twin supports RSA certificates only (use secshadow.lab.certs.twin_of)")
     algorithm = original.signature_hash_algorithm
     digest = algorithm.name if algorithm is not None else "sha256"
     subject = "".join(

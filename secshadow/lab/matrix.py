@@ -47,9 +47,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from secshadow import certs
-from secshadow.device.firmware import PROFILES, FirmwareProfile, get_profile
-from secshadow.lab import ManagedProcess, child_environment, python_module
+from secshadow.lab import certs
+from secshadow.lab.device.firmware import PROFILES, FirmwareProfile, get_profile
+from secshadow.lab.harness import ManagedProcess, child_environment, python_module
 
 CLIENT_PROFILES = ("modern", "legacy")
 
@@ -181,7 +181,7 @@ def _wait_for_port(process: ManagedProcess, port: int, timeout: float) -> None:
 
 def _start_checker(profile: FirmwareProfile, workdir: Path, name: str, vnc_port: int,
                    password_file: Path, tls: tuple[Path, Path] | None, cert_path: Path) -> ManagedProcess:
-    argv = [*python_module("secshadow.device.cli"), "--listen", "tcp:0:interface=127.0.0.1",
+    argv = [*python_module("secshadow.lab.device.cli"), "--listen", "tcp:0:interface=127.0.0.1",
             "--firmware", profile.name, "--vnc", f"127.0.0.1:{vnc_port}",
             "--accept-password-file", str(password_file)]
     if tls is None:
@@ -423,7 +423,7 @@ def run_row(profile: FirmwareProfile, stack: str, workdir: Path, vnc_port: int, 
     genuine = profile.generate_certificate()
     pair = genuine
     if impostor:
-        from secshadow.device.legacycerts import legacy_twin
+        from secshadow.lab.device.legacycerts import legacy_twin
 
         pair = legacy_twin(genuine[0]) if profile.legacy_cert else certs.twin_of(genuine[0])
     device = start_device(profile, stack, workdir, vnc_port=vnc_port, pair=pair, name=label)
@@ -542,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     xvnc: Any = None
     try:
         if args.xvnc:
-            from secshadow.vnc import start_xvnc
+            from secshadow.lab.vnc import start_xvnc
 
             xvnc = start_xvnc(label="secshadow matrix")
             vnc_port = xvnc.rfb_port

@@ -41,15 +41,15 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from secshadow.certs import certificate_sha256
-from secshadow.device.firmware import FirmwareProfile, ServerTLSCreator, build_server_context
+from secshadow.lab.certs import certificate_sha256
+from secshadow.lab.device.firmware import FirmwareProfile, ServerTLSCreator, build_server_context
 from secshadow.errors import UsageError
 from secshadow.events import Event, EventSink, discard
 from secshadow.procy import BadCommand, CommandParser
 from secshadow.relay import Splice
 from secshadow.secret import OneTimePassword
 
-log = Logger(namespace="secshadow.device")
+log = Logger(namespace="secshadow.lab.device")
 
 #: ``password_checker(password) -> Deferred[bool]``; True lets the console in.
 PasswordChecker = Callable[[str], "Deferred[bool]"]
@@ -434,7 +434,7 @@ class DeviceEmulator:
     """A device: TLS listener, firmware behaviour, password check, relay to a VNC server.
 
     - ``reactor``: provides ``IReactorTCP`` and ``IReactorTime``.
-    - ``profile``: a :class:`FirmwareProfile` (see :mod:`secshadow.device.firmware`).
+    - ``profile``: a :class:`FirmwareProfile` (see :mod:`secshadow.lab.device.firmware`).
     - ``cert_pem`` / ``key_pem``: the device certificate and its key (PEM bytes).
     - ``password_checker``: ``password -> Deferred[bool]``; an error counts as a refusal.
     - ``vnc_host`` / ``vnc_port``: the VNC server to relay to, or ``vnc_endpoint``.

@@ -1,0 +1,41 @@
+"""The product never imports the lab or the tests (DESIGN.md: the lab apart), and the
+wheel ships neither the tests nor a missing ``py.typed``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PRODUCT_ENTRY_POINTS = ["secshadow.cli", "secshadow.api", "secshadow.control"]
+
+
+@pytest.mark.parametrize("module", PRODUCT_ENTRY_POINTS)
+def test_product_entry_point_loads_no_lab_or_test_module(module: str) -> None:
+    code = (
+        "import importlib, json, sys\n"
+        f"importlib.import_module({module!r})\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('secshadow'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    loaded = json.loads(out)
+    assert module in loaded
+    assert [m for m in loaded if m.startswith(("secshadow.lab", "secshadow.tests"))] == []
+
+
+@pytest.mark.integration
+def test_wheel_ships_no_tests_and_ships_py_typed(tmp_path: Path) -> None:
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(ROOT)], check=True, timeout=300, capture_output=True)
+    (wheel,) = tmp_path.glob("secshadow-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "secshadow/py.typed" in names
+    assert "secshadow/cli.py" in names and "secshadow/lab/device/emulator.py" in names
+    assert [n for n in names if n.startswith("secshadow/tests/")] == []
