@@ -73,3 +73,11 @@ class ViewerError(SecShadowError):
 
     code = "viewer"
     exit_code = 8
+
+
+class GatewayError(SecShadowError):
+    """The gateway relay failed: unreachable, its certificate not trusted, it refused the
+    token or the session, or the device side did not join in time (exit 9)."""
+
+    code = "gateway"
+    exit_code = 9

@@ -51,6 +51,15 @@ class Listening(Event):
     name: ClassVar[str] = "listening"
     host: str
     port: int
+    #: With a browser viewer (``--web``): the page a person opens and the WebSocket URL,
+    #: both holding the single-use token. Absent from the JSON otherwise.
+    url: str | None = None
+    websocket: str | None = None
+    #: True when the proxy enforces view-only (PROTOCOL.md section 7); absent otherwise.
+    view_only: bool | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().as_dict().items() if v is not None}
 
 
 @dataclass(frozen=True)
