@@ -39,7 +39,7 @@ from twisted.web.http_headers import Headers
 
 from secshadow.errors import UMSError, UsageError
 from secshadow.secret import ShadowSecret, secret_from_document
-from secshadow.umstrust import UMSTrust, find_ums_error
+from secshadow.umstrust import UMSTrust, failure_causes, find_ums_error
 
 #: Largest response body read from the UMS; a thin-client document is a few KiB.
 MAX_RESPONSE_BODY = 1024 * 1024
@@ -196,22 +196,6 @@ def secret_from_response(body: bytes, *, url: str, device_id: str) -> ShadowSecr
     return secret_from_document(document)
 
 
-def _causes(exc: BaseException | Failure) -> list[BaseException]:
-    """The exception and everything nested in it (Agent ``reasons``, causes), depth first."""
-    found: list[BaseException] = []
-    stack: list[Any] = [exc]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, Failure):
-            item = item.value
-        if not isinstance(item, BaseException) or any(item is f for f in found):
-            continue
-        found.append(item)
-        stack.extend(reversed(getattr(item, "reasons", None) or []))
-        stack.extend([item.__context__, item.__cause__])
-    return found
-
-
 def _ssl_detail(e: SSL.Error) -> str:
     reasons = []
     for entry in e.args[0] if e.args and isinstance(e.args[0], list) else []:
@@ -222,7 +206,7 @@ def _ssl_detail(e: SSL.Error) -> str:
 
 def connection_error(exc: BaseException | Failure, url: str, timeout: float | None = None) -> UMSError:
     """The :class:`UMSError` for a request that got no HTTP answer (pure; never raises)."""
-    causes = _causes(exc)
+    causes = failure_causes(exc)
     trust_error = find_ums_error(exc)
     if trust_error is not None:
         return UMSError(f"{trust_error.message} ({url})")
@@ -340,7 +324,7 @@ class IMIClient:
         except _BodyTooLarge:
             raise UMSError(f"bad response from the UMS: body larger than {MAX_RESPONSE_BODY} bytes ({url})") from None
         except Exception as e:  # noqa: BLE001
-            if any(isinstance(c, _BodyTooLarge) for c in _causes(e)):
+            if any(isinstance(c, _BodyTooLarge) for c in failure_causes(e)):
                 raise UMSError(
                     f"bad response from the UMS: body larger than {MAX_RESPONSE_BODY} bytes ({url})"
                 ) from None

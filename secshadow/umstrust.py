@@ -5,7 +5,7 @@ connection to the UMS must be authenticated (``docs/protocol.md`` section 1). A
 :class:`UMSTrust` is an ``IPolicyForHTTPS``: pass it as ``contextFactory`` to
 :class:`twisted.web.client.Agent` (and so to treq's ``HTTPClient``).
 
-Modes:
+Modes (build one from the three flags with :meth:`UMSTrust.from_flags`):
 
 - **CA** (:meth:`UMSTrust.from_ca_file`): the chain must verify against the PEM
   file's certificates (any of them is a trust anchor, so the file may also hold the
@@ -24,7 +24,8 @@ session skips the verify callback), a ``DEFAULT`` cipher string without anonymou
 suites, TLS 1.2 at least, and a re-check of the peer certificate when the handshake
 is done. A refused certificate fails the handshake with :class:`UMSError` as the
 connection's loss reason, so it reaches the HTTP caller (inside
-``ResponseNeverReceived.reasons``); :func:`find_ums_error` digs it out.
+``ResponseNeverReceived.reasons``); :func:`find_ums_error` digs it out with
+:func:`failure_causes`, the one walker over nested failures.
 """
 
 from __future__ import annotations
@@ -193,7 +194,8 @@ class _ConnectionCreator:
 class UMSTrust:
     """How to trust the UMS web certificate; an ``IPolicyForHTTPS`` for treq/Agent.
 
-    Build one with :meth:`from_ca_file`, :meth:`from_fingerprint` or :meth:`insecure`.
+    Build one with :meth:`from_flags` (the flags as given), or :meth:`from_ca_file`,
+    :meth:`from_fingerprint`, :meth:`system` or :meth:`insecure`.
     ``mode`` is ``"ca"``, ``"system"`` (the platform's CA store, the default when no
     flag is given), ``"fingerprint"`` or ``"insecure"``. Refusals surface as
     :class:`UMSError` (see :func:`find_ums_error`).
@@ -205,6 +207,30 @@ class UMSTrust:
         self.mode = mode
         self.ca_file = ca_file
         self._fingerprint = fingerprint
+
+    @classmethod
+    def from_flags(cls, ca: str | None, fingerprint: str | None, insecure: bool) -> UMSTrust:
+        """The trust the flags ask for: ``--ums-ca FILE``, ``--ums-fingerprint HEX`` or
+        ``--ums-insecure``; with none of them, the platform's CA store (:meth:`system`).
+
+        ``ca`` / ``fingerprint``: the flag's value, ``None`` when absent (an empty
+        string is a given, malformed value). Raises :class:`UsageError` when more than
+        one is given, and as :meth:`from_ca_file` / :meth:`from_fingerprint` do. The
+        caller warns about ``insecure``; this constructor only builds it.
+        """
+        given = [flag for flag, value in (("--ums-ca", ca is not None), ("--ums-fingerprint", fingerprint is not None),
+                                          ("--ums-insecure", bool(insecure))) if value]
+        if len(given) > 1:
+            raise UsageError(
+                f"give only one of --ums-ca, --ums-fingerprint, --ums-insecure (got {' and '.join(given)})"
+            )
+        if ca is not None:
+            return cls.from_ca_file(ca)
+        if fingerprint is not None:
+            return cls.from_fingerprint(fingerprint)
+        if insecure:
+            return cls.insecure()
+        return cls.system()
 
     @classmethod
     def from_ca_file(cls, path: str | os.PathLike[str]) -> UMSTrust:
@@ -329,25 +355,31 @@ class UMSTrust:
         return True
 
 
-def find_ums_error(exc: BaseException | Failure) -> UMSError | None:
-    """Find a :class:`UMSError` raised by the trust policy inside a connection failure.
+def failure_causes(exc: BaseException | Failure | None) -> list[BaseException]:
+    """The exception and everything nested in it, depth first, each exception once.
 
-    Agent failures nest the loss reason: ``ResponseNeverReceived.reasons``,
-    ``RequestTransmissionFailed.reasons``, ``ResponseFailed.reasons`` are lists of
-    :class:`Failure`. Returns ``None`` when there is none.
+    Follows Agent's ``reasons`` lists (``ResponseNeverReceived``,
+    ``RequestTransmissionFailed``, ``ResponseFailed``: lists of :class:`Failure`),
+    ``__cause__`` and ``__context__``; a :class:`Failure` stands for its ``value``.
+    Cycles end; anything that is not an exception is skipped. ``[]`` for ``None``.
+    This is the one walker over failure causes (the IMI client's error mapping uses it).
     """
-    seen: set[int] = set()
+    found: list[BaseException] = []
     stack: list[Any] = [exc]
     while stack:
         item = stack.pop()
         if isinstance(item, Failure):
             item = item.value
-        if item is None or id(item) in seen:
+        if not isinstance(item, BaseException) or any(item is seen for seen in found):
             continue
-        seen.add(id(item))
-        if isinstance(item, UMSError):
-            return item
-        stack.extend(getattr(item, "reasons", None) or [])
-        stack.append(item.__cause__)
-        stack.append(item.__context__)
-    return None
+        found.append(item)
+        reasons = getattr(item, "reasons", None)
+        stack.extend([item.__context__, item.__cause__])
+        stack.extend(reversed(reasons if isinstance(reasons, list) else []))
+    return found
+
+
+def find_ums_error(exc: BaseException | Failure | None) -> UMSError | None:
+    """The first :class:`UMSError` (e.g. raised by the trust policy) inside a connection
+    failure, found by :func:`failure_causes`; ``None`` when there is none."""
+    return next((e for e in failure_causes(exc) if isinstance(e, UMSError)), None)

@@ -244,3 +244,52 @@ def test_find_ums_error_digs_through_nested_reasons():
 def test_describe_names_the_mode():
     assert "--ums-insecure" in UMSTrust.insecure().describe()
     assert UMSTrust.from_fingerprint("ab" * 32).describe().startswith("--ums-fingerprint AB:AB")
+
+
+def test_from_flags_is_the_one_constructor_for_the_three_flags(tmp_path):
+    pem = tmp_path / "ca.pem"
+    pem.write_bytes(make_ca()[0].cert_pem)
+    assert UMSTrust.from_flags(None, None, False).mode == "system"
+    assert UMSTrust.from_flags(str(pem), None, False).mode == "ca"
+    pinned = UMSTrust.from_flags(None, "ab" * 32, False)
+    assert (pinned.mode, pinned.fingerprint) == ("fingerprint", ":".join(["AB"] * 32))
+    assert UMSTrust.from_flags(None, None, True).mode == "insecure"
+    with pytest.raises(UsageError, match="only one of --ums-ca, --ums-fingerprint, --ums-insecure"):
+        UMSTrust.from_flags(str(pem), "ab" * 32, False)
+    with pytest.raises(UsageError, match="--ums-fingerprint and --ums-insecure"):
+        UMSTrust.from_flags(None, "ab" * 32, True)
+    # An empty value is a mistake, not "no flag": it must not fall back to the system store.
+    with pytest.raises(UsageError, match="--ums-fingerprint"):
+        UMSTrust.from_flags(None, "", False)
+    with pytest.raises(UsageError, match="cannot read --ums-ca"):
+        UMSTrust.from_flags("", None, False)
+
+
+def test_one_cause_walker_serves_both_the_trust_and_the_imi_errors():
+    """``failure_causes`` is the one walker: depth first through Agent ``reasons``
+    (Failures), ``__cause__`` and ``__context__``, each exception once, cycles ended."""
+    from twisted.python.failure import Failure
+    from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
+
+    import secshadow.imi as imi
+    from secshadow.umstrust import failure_causes
+
+    timeout = TimeoutError("slow")
+    trust = UMSError("the UMS certificate does not match --ums-fingerprint")
+    try:
+        try:
+            raise timeout
+        except TimeoutError:
+            raise ValueError("wrapped") from trust
+    except ValueError as e:
+        wrapped = e
+    wrapped.__context__ = wrapped  # a cycle must not loop forever
+    outer = ResponseNeverReceived([Failure(ResponseFailed([Failure(wrapped), "not an exception"]))])
+    causes = failure_causes(Failure(outer))
+    assert causes[0] is outer and trust in causes and len(causes) == len({id(c) for c in causes})
+    assert [type(c).__name__ for c in causes] == ["ResponseNeverReceived", "ResponseFailed", "ValueError",
+                                                  "UMSError"]
+    assert find_ums_error(outer) is trust
+    assert "does not match --ums-fingerprint" in imi.connection_error(outer, "https://u").message
+    # imi has no walker of its own any more.
+    assert not hasattr(imi, "_causes")

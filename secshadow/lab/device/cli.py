@@ -154,12 +154,8 @@ def _checker_factory(args: argparse.Namespace) -> Any:
     # Imported here: the IMI client is only needed in this mode.
     from secshadow.umstrust import UMSTrust
 
-    if args.ums_fingerprint:
-        trust = UMSTrust.from_fingerprint(args.ums_fingerprint)
-    elif args.ums_ca:
-        trust = UMSTrust.from_ca_file(args.ums_ca)
-    else:
-        trust = UMSTrust.insecure()
+    trust = UMSTrust.from_flags(args.ums_ca, args.ums_fingerprint, args.ums_insecure)
+    if trust.mode == "insecure":
         sys.stderr.write(
             f"{PROG}: WARNING: --ums-insecure: the IMI server's certificate is NOT verified; "
             "anyone on the path can approve passwords\n"
