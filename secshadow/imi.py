@@ -10,6 +10,12 @@ v3 login pages):
    (the documented path).
 3. ``POST {base}/umsapi/v3/logout``, best effort.
 
+Each request has one deadline, ``timeout`` seconds for the whole exchange (connect,
+TLS, request, headers and body): when it passes, the connection is aborted and the
+request fails with "the UMS did not answer within N s". The client's connections run
+through :class:`_GuardedProtocol`, which sits between the transport (TCP or TLS) and
+Twisted's HTTP/1.1 client protocol so the deadline can abort them at any stage.
+
 Errors are decided by the ITG ``errorCode`` of the JSON body
 ``{"message", "errorCode", "stackTrace"}``, not by the status alone. Everything the
 server or the network does wrong is a :class:`UMSError` (exit 3); a secret whose
@@ -32,10 +38,16 @@ from OpenSSL import SSL
 from treq.client import HTTPClient
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, URI
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from secshadow.errors import UMSError, UsageError
 from secshadow.secret import ShadowSecret, secret_from_document
@@ -43,7 +55,7 @@ from secshadow.umstrust import UMSTrust, failure_causes, find_ums_error
 
 #: Largest response body read from the UMS; a thin-client document is a few KiB.
 MAX_RESPONSE_BODY = 1024 * 1024
-#: Default per-request timeout in seconds (connect, TLS, request and response).
+#: Default per-request deadline in seconds: connect, TLS, request, headers and body together.
 DEFAULT_TIMEOUT = 30.0
 
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9._~-]{1,64}$")
@@ -234,13 +246,101 @@ class _BodyTooLarge(Exception):
     pass
 
 
+def _timeout_error(timeout: float, url: str) -> UMSError:
+    return UMSError(f"the UMS did not answer within {timeout:g} s ({url})")
+
+
+class _GuardedProtocol(ProtocolWrapper):
+    """Between the transport (TCP, or TLS on TCP) and Twisted's HTTP/1.1 client protocol.
+
+    :meth:`abort` closes the connection at once and makes ``error`` the reason the HTTP
+    protocol sees for the loss, so the pending request or body read fails with it.
+    """
+
+    factory: _GuardFactory
+
+    def __init__(self, factory: WrappingFactory, wrappedProtocol: IProtocol) -> None:
+        super().__init__(factory, wrappedProtocol)
+        self._abort_reason: Failure | None = None
+
+    def abort(self, error: UMSError) -> None:
+        if self._abort_reason is None:
+            self._abort_reason = Failure(error)
+            if self.transport is not None:
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._abort_reason is None:
+            super().dataReceived(data)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        super().connectionLost(self._abort_reason or reason)
+
+
+class _GuardFactory(WrappingFactory):
+    """Wraps each connection's HTTP protocol in a :class:`_GuardedProtocol`; ``live`` is
+    the owning client's set of open connections."""
+
+    protocol = _GuardedProtocol
+
+    def __init__(self, wrappedFactory: IProtocolFactory, live: set[_GuardedProtocol]) -> None:
+        super().__init__(wrappedFactory)
+        self.live = live
+
+    def registerProtocol(self, p: ProtocolWrapper) -> None:
+        assert isinstance(p, _GuardedProtocol)
+        self.live.add(p)
+
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
+        assert isinstance(p, _GuardedProtocol)
+        self.live.discard(p)
+
+
+@implementer(IStreamClientEndpoint)
+class _GuardedEndpoint:
+    """``inner`` with every connection guarded; fires with the HTTP protocol itself (as
+    the connection pool expects), not with the guard around it."""
+
+    def __init__(self, inner: IStreamClientEndpoint, live: set[_GuardedProtocol]) -> None:
+        self._inner = inner
+        self._live = live
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        connecting = self._inner.connect(_GuardFactory(protocolFactory, self._live))
+        return connecting.addCallback(lambda guard: guard.wrappedProtocol)
+
+
+@implementer(IAgentEndpointFactory)
+class _EndpointFactory:
+    """Agent's standard endpoints (TCP for ``http``, TLS with ``trust`` for ``https``),
+    guarded. ``connect_timeout``: seconds for the TCP connect."""
+
+    def __init__(self, reactor: Any, trust: UMSTrust, connect_timeout: float, live: set[_GuardedProtocol]) -> None:
+        self._reactor = reactor
+        self._trust = trust
+        self._connect_timeout = connect_timeout
+        self._live = live
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        # validate_base_url made the host ASCII.
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._connect_timeout)
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(self._trust.creatorForNetloc(uri.host, uri.port), endpoint)
+        elif uri.scheme != b"http":
+            raise SchemeNotSupported(f"unsupported scheme {uri.scheme!r}")
+        return _GuardedEndpoint(endpoint, self._live)
+
+
 class IMIClient:
     """A session with one UMS over IMI.
 
     ``reactor``: provides ``IReactorTCP``/``IReactorTime`` (injected, used for the
     connections and the timeouts). ``base_url``: ``https://host:8443`` (see
     :func:`validate_base_url`). ``trust``: how the UMS certificate is verified.
-    ``timeout``: seconds per request. ``http_client``: anything with treq's
+    ``timeout``: seconds per request, one deadline for its whole exchange (connect,
+    TLS, headers, body); then :class:`UMSError` "the UMS did not answer within N s".
+    ``http_client``: anything with treq's
     ``HTTPClient.request`` signature, e.g. ``treq.testing.StubTreq`` in tests;
     by default a treq ``HTTPClient`` on an ``Agent`` using ``trust`` and a cookie jar.
 
@@ -262,12 +362,14 @@ class IMIClient:
         self.timeout = timeout
         self._reactor = reactor
         self._pool: HTTPConnectionPool | None = None
+        self._live: set[_GuardedProtocol] = set()
         self.cookies: CookieJar | None = None
         if http_client is None:
             self._pool = HTTPConnectionPool(reactor, persistent=True)
             self._pool.maxPersistentPerHost = 1
             self._pool.retryAutomatically = False
-            agent: Any = Agent(reactor, contextFactory=trust, connectTimeout=timeout, pool=self._pool)
+            endpoints = _EndpointFactory(reactor, trust, timeout, self._live)
+            agent: Any = Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool)
             self.cookies = CookieJar()
             http_client = HTTPClient(agent, cookiejar=self.cookies)  # type: ignore[arg-type]
         self._http = http_client
@@ -290,22 +392,41 @@ class IMIClient:
     async def _request(
         self, method: str, path: str, *, auth: tuple[bytes, bytes] | None = None
     ) -> tuple[int, Headers, bytes]:
-        """One request; returns ``(status, headers, body)`` or raises :class:`UMSError`."""
+        """One request under one deadline; returns ``(status, headers, body)`` or raises
+        :class:`UMSError`."""
         url = f"{self.base_url}/{path}"
+        expired = False
+        exchange = Deferred.fromCoroutine(self._exchange(method, url, auth))
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            for connection in list(self._live):
+                connection.abort(_timeout_error(self.timeout, url))
+            exchange.cancel()
+
+        timer = self._reactor.callLater(self.timeout, expire)
+        try:
+            return await exchange
+        except (UMSError, CancelledError):
+            if expired:
+                raise _timeout_error(self.timeout, url) from None
+            raise
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    async def _exchange(
+        self, method: str, url: str, auth: tuple[bytes, bytes] | None
+    ) -> tuple[int, Headers, bytes]:
+        """The request and its body, without a deadline of its own (see :meth:`_request`)."""
         headers = {b"Accept": [b"application/json"]}
         if self._session is not None:
             # Explicit, so a plaintext test URL (where a Secure cookie is withheld) works too.
             headers[b"Cookie"] = [f"JSESSIONID={self._session}".encode("ascii")]
         try:
             response = await self._http.request(
-                method,
-                url,
-                headers=headers,
-                auth=auth,
-                allow_redirects=False,
-                unbuffered=True,
-                timeout=self.timeout,
-                reactor=self._reactor,
+                method, url, headers=headers, auth=auth, allow_redirects=False, unbuffered=True,
             )
         except Exception as e:  # noqa: BLE001 - every transport failure becomes a UMSError
             raise connection_error(e, url, self.timeout) from None
@@ -321,8 +442,6 @@ class IMIClient:
 
         try:
             await response.collect(collect)
-        except _BodyTooLarge:
-            raise UMSError(f"bad response from the UMS: body larger than {MAX_RESPONSE_BODY} bytes ({url})") from None
         except Exception as e:  # noqa: BLE001
             if any(isinstance(c, _BodyTooLarge) for c in failure_causes(e)):
                 raise UMSError(
