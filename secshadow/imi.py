@@ -259,7 +259,7 @@ class _GuardedProtocol(ProtocolWrapper):
 
     factory: _GuardFactory
 
-    def __init__(self, factory: WrappingFactory, wrappedProtocol: IProtocol) -> None:
+    def __init__(self, factory: WrappingFactory[_GuardedProtocol], wrappedProtocol: IProtocol) -> None:
         super().__init__(factory, wrappedProtocol)
         self._abort_reason: Failure | None = None
 
@@ -277,7 +277,7 @@ class _GuardedProtocol(ProtocolWrapper):
         super().connectionLost(self._abort_reason or reason)
 
 
-class _GuardFactory(WrappingFactory):
+class _GuardFactory(WrappingFactory[_GuardedProtocol]):
     """Wraps each connection's HTTP protocol in a :class:`_GuardedProtocol`; ``live`` is
     the owning client's set of open connections."""
 
@@ -287,12 +287,10 @@ class _GuardFactory(WrappingFactory):
         super().__init__(wrappedFactory)
         self.live = live
 
-    def registerProtocol(self, p: ProtocolWrapper) -> None:
-        assert isinstance(p, _GuardedProtocol)
+    def registerProtocol(self, p: _GuardedProtocol) -> None:
         self.live.add(p)
 
-    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
-        assert isinstance(p, _GuardedProtocol)
+    def unregisterProtocol(self, p: _GuardedProtocol) -> None:
         self.live.discard(p)
 
 
@@ -306,8 +304,11 @@ class _GuardedEndpoint:
         self._live = live
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        connecting = self._inner.connect(_GuardFactory(protocolFactory, self._live))
-        return connecting.addCallback(lambda guard: guard.wrappedProtocol)
+        def unwrap(guard: Any) -> IProtocol:
+            inner: IProtocol = guard.wrappedProtocol
+            return inner
+
+        return self._inner.connect(_GuardFactory(protocolFactory, self._live)).addCallback(unwrap)
 
 
 @implementer(IAgentEndpointFactory)
