@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(exclude=["secshadow.tests", "secshadow.tests.*"]),
-    package_data={"secshadow": ["py.typed"]},
+    package_data={"secshadow": ["py.typed"], "secshadow.web": ["static/*.html", "static/*.js", "static/*.css"]},
     install_requires=[
         "Twisted>=24.7",
         "pyOpenSSL>=24.0",
@@ -21,6 +21,8 @@ setup(
         # vncdotool: an RFB client for --snapshot; Pillow writes the PNG.
         "vncdotool>=1.2",
         "Pillow>=10",
+        # autobahn: the browser viewer's WebSocket (RFB in binary messages, subprotocols, ping).
+        "autobahn[twisted]>=23.1",
     ],
     extras_require={
         "test": [
@@ -29,11 +31,14 @@ setup(
             "hypothesis>=6.100",
             # pytest-timeout: a hung test fails with a traceback instead of stalling CI.
             "pytest-timeout>=2.3",
+            # selenium: drives the real headless Chromium (Debian's chromium-driver) in the browser tests.
+            "selenium>=4.20",
         ],
     },
     entry_points={
         "console_scripts": [
             "secshadow-proxy = secshadow.cli:main",
+            "secshadow-web = secshadow.web.service:main",
             "secshadow-device = secshadow.lab.device.cli:main",
             "secshadow-ums = secshadow.lab.imiserver.cli:main",
             "secshadow-matrix = secshadow.lab.matrix:main",
