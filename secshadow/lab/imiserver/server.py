@@ -8,6 +8,9 @@ IMI endpoints (``docs/protocol.md`` section 1; IMI manual, "Secure VNC with IMIv
     with an ITG error body otherwise.
 ``POST /umsapi/v3/logout``
     Ends the session: ``200 {"message": "Logout successful"}``; ``401`` without one.
+``GET /umsapi/v3/thinclients``
+    The main data of every device the user may read, as a JSON array (no
+    ``shadowSecret``); ``401`` without a valid session.
 ``GET /umsapi/v2/thinclients/{id}`` and ``GET /umsapi/v3/thinclients/{id}``
     The device's main data; with ``?facets=shadow`` also ``shadowSecret``
     (``certificate``: PEM text, ``password``: a fresh one-time password, a UUID4
@@ -384,6 +387,10 @@ class UMSResource(Resource):
                 return self._login(request) if method == b"POST" else self._method_not_allowed(request, b"POST")
             if version == "v3" and parts[2:] == ["logout"]:
                 return self._logout(request) if method == b"POST" else self._method_not_allowed(request, b"POST")
+            if version == "v3" and parts[2:] == ["thinclients"]:
+                if method not in (b"GET", b"HEAD"):
+                    return self._method_not_allowed(request, b"GET")
+                return self._thinclient_list(request)
             if version in self.state.config.api_versions and len(parts) == 4 and parts[2] == "thinclients":
                 if method not in (b"GET", b"HEAD"):
                     return self._method_not_allowed(request, b"GET")
@@ -464,6 +471,22 @@ class UMSResource(Resource):
             }
         )
         return self._json(request, 200, document)
+
+    def _thinclient_list(self, request: Request) -> bytes:
+        """``GET /umsapi/v3/thinclients``: the main data of every device the user may
+        read (no ``shadowSecret``; devices in the recycle bin included, flagged)."""
+        user = self.state.session_user(self._session_token(request))
+        if user is None:
+            return self._json(request, 401, _itg("ITG-0B001", "Not authenticated"))
+        origin = _origin(request)
+        listing = [
+            {"unitID": d.mac, "mac": d.mac, "firmwareID": d.firmware_id, "lastIP": d.last_ip, "id": d.id,
+             "name": d.name, "parentID": d.parent_id, "movedToBin": d.moved_to_bin, "objectType": "tc",
+             "links": [{"rel": "self", "href": f"{origin}/umsapi/v3/thinclients/{d.id}"}]}
+            for d in self.state.config.devices.values()
+            if user.devices is None or d.id in user.devices
+        ]
+        return self._json(request, 200, listing)
 
     def _verify_otp(self, request: Request) -> bytes:
         assert request.content is not None
