@@ -12,9 +12,12 @@ v3 login pages):
 
 Each request has one deadline, ``timeout`` seconds for the whole exchange (connect,
 TLS, request, headers and body): when it passes, the connection is aborted and the
-request fails with "the UMS did not answer within N s". The client's connections run
-through :class:`_GuardedProtocol`, which sits between the transport (TCP or TLS) and
-Twisted's HTTP/1.1 client protocol so the deadline can abort them at any stage.
+request fails with "the UMS did not answer within N s". Memory is bounded too: at most
+:data:`MAX_HEADER_BYTES` are received before a response's headers are complete, and
+:data:`MAX_RESPONSE_BODY` of body. The client's connections run through
+:class:`_GuardedProtocol`, which sits between the transport (TCP or TLS) and Twisted's
+HTTP/1.1 client protocol: it counts the bytes of each response head and can abort the
+connection at any stage.
 
 Errors are decided by the ITG ``errorCode`` of the JSON body
 ``{"message", "errorCode", "stackTrace"}``, not by the status alone. Everything the
@@ -55,6 +58,9 @@ from secshadow.umstrust import UMSTrust, failure_causes, find_ums_error
 
 #: Largest response body read from the UMS; a thin-client document is a few KiB.
 MAX_RESPONSE_BODY = 1024 * 1024
+#: Largest number of bytes received before a response's headers are complete (status
+#: line, header lines, folded continuation lines, and any 1xx responses before it).
+MAX_HEADER_BYTES = 64 * 1024
 #: Default per-request deadline in seconds: connect, TLS, request, headers and body together.
 DEFAULT_TIMEOUT = 30.0
 
@@ -250,11 +256,32 @@ def _timeout_error(timeout: float, url: str) -> UMSError:
     return UMSError(f"the UMS did not answer within {timeout:g} s ({url})")
 
 
+def _is_informational(head: bytes) -> bool:
+    """Whether the header block starting with ``head`` (its first bytes) is a 1xx
+    response, which Twisted's client skips before the final one. Decided as Twisted's
+    parser does (status line split on spaces, ``int`` of the code); when in doubt
+    (incomplete or odd status line) ``True``, so the count goes on."""
+    line, newline, _ = head.partition(b"\n")
+    parts = line.rstrip(b"\r").split(b" ", 2)
+    if not newline or len(parts) < 2:
+        return True
+    try:
+        code = int(parts[1])
+    except ValueError:
+        return True
+    return 100 <= code < 200
+
+
 class _GuardedProtocol(ProtocolWrapper):
     """Between the transport (TCP, or TLS on TCP) and Twisted's HTTP/1.1 client protocol.
 
-    :meth:`abort` closes the connection at once and makes ``error`` the reason the HTTP
-    protocol sees for the loss, so the pending request or body read fails with it.
+    - Counts the bytes received from the moment a request is written (or the connection
+      opens) until the final response's headers end, the blank line Twisted's parser
+      (``twisted.web._newclient.HTTPParser``, lines split at ``\\n``, one ``\\r``
+      stripped) ends them with. Past :data:`MAX_HEADER_BYTES` the connection is aborted:
+      Twisted keeps every header line and every folded continuation line in memory.
+    - :meth:`abort` closes the connection at once and makes ``error`` the reason the HTTP
+      protocol sees for the loss, so the pending request or body read fails with it.
     """
 
     factory: _GuardFactory
@@ -262,6 +289,10 @@ class _GuardedProtocol(ProtocolWrapper):
     def __init__(self, factory: WrappingFactory[_GuardedProtocol], wrappedProtocol: IProtocol) -> None:
         super().__init__(factory, wrappedProtocol)
         self._abort_reason: Failure | None = None
+        self._in_head = True  # before the final response's blank line
+        self._head_bytes = 0
+        self._tail = b""  # the last bytes of the head, to find a blank line across reads
+        self._block = b""  # the first bytes of the current header block (its status line)
 
     def abort(self, error: UMSError) -> None:
         if self._abort_reason is None:
@@ -269,9 +300,48 @@ class _GuardedProtocol(ProtocolWrapper):
             if self.transport is not None:
                 self.transport.abortConnection()  # type: ignore[attr-defined]
 
+    def _request_starts(self) -> None:
+        # No pipelining in Twisted's client: a new request means the last response is over.
+        if not self._in_head:
+            self._in_head, self._head_bytes, self._tail, self._block = True, 0, b"", b""
+
+    def write(self, data: bytes) -> None:
+        self._request_starts()
+        super().write(data)
+
+    def writeSequence(self, data: Any) -> None:
+        self._request_starts()
+        super().writeSequence(data)
+
+    def _count_head(self, data: bytes) -> None:
+        offset = 0
+        while self._in_head and offset < len(data):
+            if len(self._block) < 64:
+                self._block += data[offset:offset + 64 - len(self._block)]
+            buffer = self._tail + data[offset:]
+            ends = [i for i in (buffer.find(b"\n\n"), buffer.find(b"\n\r\n")) if i >= 0]
+            if not ends:
+                self._head_bytes += len(data) - offset
+                self._tail = buffer[-2:]
+                return
+            first = min(ends)
+            end = first + (2 if buffer[first:first + 2] == b"\n\n" else 3)
+            used = end - len(self._tail)
+            self._head_bytes += used
+            offset += used
+            self._in_head = _is_informational(self._block)
+            self._tail, self._block = b"", b""
+
     def dataReceived(self, data: bytes) -> None:
-        if self._abort_reason is None:
-            super().dataReceived(data)
+        if self._abort_reason is not None:
+            return
+        if self._in_head:
+            self._count_head(data)
+            if self._head_bytes > MAX_HEADER_BYTES:
+                self.abort(UMSError(f"bad response from the UMS: more than {MAX_HEADER_BYTES} bytes of "
+                                    f"response headers"))
+                return
+        super().dataReceived(data)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         super().connectionLost(self._abort_reason or reason)

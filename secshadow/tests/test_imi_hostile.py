@@ -8,7 +8,13 @@ real TLS with pyOpenSSL, or plain sockets for ``http://``); the client is the pr
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,8 +22,9 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
+import secshadow
 from secshadow.errors import UMSError
-from secshadow.imi import fetch_shadow_secret
+from secshadow.imi import MAX_HEADER_BYTES, fetch_shadow_secret
 from secshadow.lab.scripted import DeviceConn, PeerClosed, ScriptedDevice
 from secshadow.tests._umscerts import make_leaf
 from secshadow.umstrust import UMSTrust
@@ -111,3 +118,164 @@ async def test_one_deadline_covers_the_body(interval: float | None) -> None:
             assert watch.sent >= 3  # the drip really ran while the client waited
     await deferLater(0)
     assert [c for c in reactor.getDelayedCalls() if c not in before and c.active()] == []
+
+
+# --------------------------------------------------------------------------- header floods
+#: 64 KiB of header lines ("X-Flood-n: aaa...") or of folded continuation lines (" bbb...").
+LINES = b"".join(b"X-Flood-%d: " % i + b"a" * 100 + b"\r\n" for i in range(560))
+FOLDED = (b" " + b"b" * 110 + b"\r\n") * 560
+FLOODS = {
+    "header-lines": (b"HTTP/1.1 200 OK\r\n", LINES),
+    "folded-lines": (b"HTTP/1.1 200 OK\r\nX-Folded: start\r\n", FOLDED),
+}
+
+
+class Flood:
+    """Sends ``head`` then ``chunk`` forever (at most ``seconds``); records bytes sent."""
+
+    def __init__(self, kind: str, seconds: float = 20.0) -> None:
+        self.head, self.chunk = FLOODS[kind]
+        self.seconds = seconds
+        self.sent = 0
+        self.stopped_by_client = False
+
+    def _flood(self, send: Any, recv_request: Any) -> None:
+        recv_request()
+        deadline = time.monotonic() + self.seconds
+        try:
+            send(self.head)
+            self.sent += len(self.head)
+            while time.monotonic() < deadline:
+                send(self.chunk)
+                self.sent += len(self.chunk)
+        except (PeerClosed, OSError, TimeoutError):
+            self.stopped_by_client = True
+
+    def tls_script(self, conn: DeviceConn) -> None:
+        self._flood(conn.send, lambda: read_request(conn))
+
+    def raw_script(self, sock: socket.socket, index: int) -> None:
+        sock.settimeout(10)
+
+        def recv_request() -> None:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise OSError("closed")
+                data += chunk
+
+        self._flood(sock.sendall, recv_request)
+
+
+@pytest.mark.parametrize("kind", sorted(FLOODS))
+@pytest_twisted.ensureDeferred
+async def test_endless_headers_over_tls_end_with_a_ums_error(kind: str) -> None:
+    """Endless header lines or folded continuation lines: the client stops reading after
+    64 KiB, long before its 10 s deadline, and says why."""
+    flood = Flood(kind)
+    with ScriptedDevice(PAIR.cert_pem, PAIR.key_pem, flood.tls_script) as server:
+        trust = UMSTrust.from_fingerprint(PAIR.sha256)
+        outcome, seconds = await fetch_with_guard(f"https://127.0.0.1:{server.port}", trust, 10.0, 15.0)
+        error = outcome.value
+        assert isinstance(error, UMSError), outcome
+        assert error.exit_code == 3
+        assert f"more than {MAX_HEADER_BYTES} bytes of response headers" in error.message, error.message
+        assert seconds < 5, seconds
+        deadline = time.monotonic() + 5
+        while not flood.stopped_by_client and time.monotonic() < deadline:
+            await deferLater(0.05)
+        assert flood.stopped_by_client
+
+
+MEASURE = """
+import json, sys, time
+from twisted.internet import reactor
+from secshadow.imi import MAX_HEADER_BYTES, fetch_shadow_secret
+from secshadow.umstrust import UMSTrust
+
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+
+url, timeout = sys.argv[1], float(sys.argv[2])
+before = status("VmRSS")
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS
+except OSError:
+    pass
+start = time.monotonic()
+result = {}
+
+def done(outcome):
+    result["error"] = getattr(outcome.value, "message", repr(outcome.value))
+    reactor.stop()
+
+fetch_shadow_secret(reactor, url, "27", "admin", "pw", UMSTrust.insecure(), timeout=timeout).addBoth(done)
+reactor.run()
+result.update(seconds=time.monotonic() - start, rss_before_kib=before, peak_kib=status("VmHWM"))
+print(json.dumps(result))
+"""
+
+
+def measure_flood(kind: str, timeout: float) -> tuple[dict[str, Any], Flood]:
+    """A fresh Python process fetches from a plain-HTTP flood server; returns its report
+    (``error``, ``seconds``, ``rss_before_kib``, ``peak_kib``) and the server's count."""
+    flood = Flood(kind, seconds=timeout + 5)
+    root = str(Path(secshadow.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=root)
+    with ScriptedDevice(PAIR.cert_pem, PAIR.key_pem, raw_script=flood.raw_script) as server:
+        run = subprocess.run([sys.executable, "-c", MEASURE, f"http://127.0.0.1:{server.port}", str(timeout)],
+                             capture_output=True, text=True, timeout=timeout + 30, env=env, check=False)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout), flood
+
+
+@pytest.mark.parametrize("kind", sorted(FLOODS))
+def test_memory_stays_bounded_under_a_header_flood(kind: str) -> None:
+    """The issue measured +560 MB in 2 s. The client's peak RSS now grows by less than
+    8 MiB while the server could send 64 KiB after 64 KiB for as long as it liked."""
+    report, flood = measure_flood(kind, timeout=3.0)
+    growth = report["peak_kib"] - report["rss_before_kib"]
+    print(f"{kind}: peak RSS growth {growth} KiB, {report['seconds']:.2f} s, server sent {flood.sent} bytes: "
+          f"{report['error']}")
+    assert f"more than {MAX_HEADER_BYTES} bytes of response headers" in report["error"]
+    assert growth < 8 * 1024, growth
+
+
+BIG_BODY = json.dumps({"message": "x" * (900 * 1024), "errorCode": "ITG-0B001"}).encode()
+
+
+@pytest.mark.parametrize("shape", ["crlf", "lf", "after-100-continue", "one-byte-reads"])
+@pytest_twisted.ensureDeferred
+async def test_a_large_body_after_small_headers_is_not_mistaken_for_headers(shape: str) -> None:
+    """Only the head is counted: a 900 KiB body after ordinary headers (CRLF or bare LF
+    line ends, after a ``100 Continue``, or sent a byte at a time at first) is read whole
+    and the answer (401: login refused) understood."""
+    head = b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(
+        BIG_BODY)
+    if shape == "lf":
+        head = head.replace(b"\r\n", b"\n")
+    if shape == "after-100-continue":
+        head = b"HTTP/1.1 100 Continue\r\nX-A: b\r\n\r\n" + head
+
+    def script(conn: DeviceConn) -> None:
+        read_request(conn)
+        answer = head + BIG_BODY
+        if shape == "one-byte-reads":
+            for byte in answer[:200]:
+                conn.send(bytes([byte]))
+            answer = answer[200:]
+        conn.send(answer)
+        conn.drain(5)
+
+    with ScriptedDevice(PAIR.cert_pem, PAIR.key_pem, script) as server:
+        trust = UMSTrust.from_fingerprint(PAIR.sha256)
+        outcome, _ = await fetch_with_guard(f"https://127.0.0.1:{server.port}", trust, 10.0, 15.0)
+    error = outcome.value
+    assert isinstance(error, UMSError), outcome
+    assert error.message.startswith("login refused for user 'admin': wrong user name or password (ITG-0B001)"), \
+        error.message
