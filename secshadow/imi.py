@@ -24,18 +24,20 @@ Errors are decided by the ITG ``errorCode`` of the JSON body
 server or the network does wrong is a :class:`UMSError` (exit 3); a secret whose
 *content* is malformed (e.g. an empty certificate: reboot the device) stays the
 :class:`SecretError` of :mod:`secshadow.secret` (exit 2). Neither the UMS password
-nor the session id ever appears in a message, log line or ``repr``.
+nor the session id ever appears in a message, log line or ``repr``, in any form a
+server might echo (Base64, percent-encoded: :func:`scrub`).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from http.cookiejar import CookieJar
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 from OpenSSL import SSL
 from treq.client import HTTPClient
@@ -112,13 +114,38 @@ def validate_device_id(device_id: object) -> str:
     return device_id
 
 
-def _clean(text: object, secrets: tuple[str, ...] = (), limit: int = 200) -> str:
-    """Server-supplied text made safe for a message: printable, short, secrets removed."""
+def secret_forms(secret: str) -> set[str]:
+    """The text forms in which a server might echo ``secret``: itself, its Base64
+    (standard and URL-safe, with and without padding, of the UTF-8 bytes) and its
+    percent-encodings (``quote`` with and without ``/`` safe, ``quote_plus``).
+
+    Pass ``f"{user}:{password}"`` as a secret too: its Base64 is the HTTP Basic
+    ``Authorization`` value.
+    """
+    raw = secret.encode("utf-8")
+    forms = {secret, quote(secret, safe=""), quote(secret), quote_plus(secret)}
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        text = encode(raw).decode("ascii")
+        forms.update((text, text.rstrip("=")))
+    return {form for form in forms if form}
+
+
+def scrub(text: object, secrets: Iterable[str] = (), limit: int = 200) -> str:
+    """Server-supplied ``text`` made safe to quote in a message (the one redaction).
+
+    Every :func:`secret_forms` of every secret becomes ``<redacted>`` (compared without
+    regard to case, so ``%2f`` and ``%2F`` alike); control characters, line and
+    paragraph separators become spaces and runs of white space one space: one printable
+    line, cut to ``limit`` characters. Not text (``None``, numbers): ``""``.
+    """
     s = text if isinstance(text, str) else ""
-    for secret in secrets:
-        if secret:
-            s = s.replace(secret, "<redacted>")
-    s = "".join(c if c.isprintable() else " " for c in s).strip()
+    forms = sorted({form for secret in secrets if secret for form in secret_forms(secret)}, key=len, reverse=True)
+    pattern = re.compile("|".join(map(re.escape, forms)), re.IGNORECASE) if forms else None
+    if pattern is not None:
+        s = pattern.sub("<redacted>", s)
+    s = " ".join("".join(c if c.isprintable() else " " for c in s).split())
+    if pattern is not None:
+        s = pattern.sub("<redacted>", s)  # cleaning may have made "a  b" into a secret "a b"
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
@@ -148,13 +175,15 @@ def error_from_response(
 ) -> UMSError:
     """The :class:`UMSError` for a non-success IMI answer (pure; never raises).
 
-    ``secrets`` are removed from any server text quoted in the message.
+    Server text is quoted only through :func:`scrub`: every form of each of ``secrets``
+    (e.g. the password, ``"user:password"``, the session id) removed, one line, at
+    most 200 characters.
     """
     itg = itg_error(body)
     who = f"user {user!r}" if user else "this user"
     if itg is not None:
         code, raw_message = itg
-        message = _clean(raw_message, secrets)
+        message = scrub(raw_message, secrets)
         detail = f"{code}: {message}" if message else code
         if code == "ITG-0A001":
             return UMSError(f"device {device_id} not found on the UMS ({detail}; {url})")
@@ -533,7 +562,8 @@ class IMIClient:
         if not isinstance(password, str) or not password:
             raise UsageError(f"the UMS password for user {user!r} is empty")
         self._user = user
-        self._secrets = (password,)
+        # "user:password": its Base64 is the Authorization header a server may echo.
+        self._secrets = (password, f"{user}:{password}")
         url = f"{self.base_url}/umsapi/v3/login"
         _log.info("logging in to UMS at {url} as {user!r} ({trust})", url=self.base_url, user=user,
                   trust=self.trust.describe() if not self.is_plaintext else "plaintext http")
@@ -550,7 +580,7 @@ class IMIClient:
         if session is None:
             raise UMSError(f"bad response from the UMS: login succeeded but no JSESSIONID came back ({url})")
         self._session = session
-        self._secrets = (password, session)
+        self._secrets = (password, f"{user}:{password}", session)
 
     async def shadow_secret(self, device_id: str) -> ShadowSecret:
         """``GET .../thinclients/{id}?facets=shadow`` (v3, then v2 if v3 is unknown).

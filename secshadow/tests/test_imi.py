@@ -230,6 +230,79 @@ async def test_server_message_is_scrubbed_of_the_password():
     assert "<redacted>" in info.value.message and "\x1b" not in info.value.message
 
 
+ODD_PASSWORD = "Pa ss/w+rd:\u00e4!&="  # spaces, slash, plus, colon, non-ASCII: every encoding differs
+
+
+def derived_forms(user: str, password: str) -> dict[str, str]:
+    """The forms of the password a UMS might echo back (what the issue found in stderr)."""
+    from base64 import b64encode, urlsafe_b64encode
+    from urllib.parse import quote, quote_plus
+
+    basic = b64encode(f"{user}:{password}".encode()).decode()
+    return {
+        "literal": password,
+        "authorization header": f"Basic {basic}",
+        "base64 of user:password": basic,
+        "base64 of user:password, unpadded": basic.rstrip("="),
+        "base64 of the password": b64encode(password.encode()).decode(),
+        "urlsafe base64 of the password": urlsafe_b64encode(password.encode()).decode(),
+        "quote": quote(password, safe=""),
+        "quote, lower-case hex": quote(password, safe="").lower(),
+        "quote with / safe": quote(password),
+        "quote_plus": quote_plus(password),
+    }
+
+
+class EchoAuthorization(Resource):
+    """A UMS that refuses with ITG-0B005 and echoes the request's Authorization header and
+    every derived form of the password in its error message (``where``: "login" or
+    "secret", the request that answers so)."""
+
+    isLeaf = True
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+
+    def render(self, request):
+        if request.path == b"/umsapi/v3/logout":
+            return b"{}"
+        if request.path == b"/umsapi/v3/login" and self.where == "secret":
+            request.addCookie(b"JSESSIONID", b"ABC123", path=b"/umsapi/")
+            return json.dumps({"message": "JSESSIONID=ABC123"}).encode()
+        seen = (request.getHeader(b"authorization") or b"").decode()
+        forms = " | ".join(derived_forms("admin", ODD_PASSWORD).values())
+        request.setResponseCode(403)
+        return json.dumps({"errorCode": "ITG-0B005",
+                           "message": f"denied; you sent {seen!r}; we also know {forms}"}).encode()
+
+
+@pytest.mark.parametrize("where", ["login", "secret"])
+@pytest_twisted.ensureDeferred
+async def test_every_derived_form_of_the_password_is_redacted(where: str):
+    """Base64 of ``user:password`` (the Authorization header), Base64 of the password,
+    percent-encoded forms: none reaches the error message; each becomes <redacted>."""
+    with pytest.raises(UMSError) as info:
+        await client_for(EchoAuthorization(where)).fetch_shadow_secret("27", "admin", ODD_PASSWORD)
+    message = info.value.message
+    assert "the UMS refused access for user 'admin' (ITG-0B005: denied" in message
+    leaked = [name for name, form in derived_forms("admin", ODD_PASSWORD).items()
+              if form.lower() in message.lower()]
+    assert leaked == [], message
+    assert "<redacted>" in message
+
+
+def test_server_text_is_quoted_as_one_short_clean_line():
+    """Server text from the login exchange: at most 200 characters, printable, one line."""
+    body = json.dumps({"errorCode": "ITG-0B005",
+                       "message": "first line\r\nsecond\u2028third\x1b[31m\t" + "y" * 5000})
+    error = error_from_response(403, body.encode(), url=BASE, user="admin", secrets=(ADMIN_PASSWORD,))
+    excerpt = error.message.split("(ITG-0B005: ", 1)[1]
+    assert excerpt.startswith("first line second third [31m yyy")
+    assert len(error.message) < 200 + 120 and error.message.count("y") <= 200
+    assert all(c.isprintable() for c in error.message) and "  " not in error.message
+
+
 @pytest_twisted.ensureDeferred
 async def test_logs_progress_but_never_secrets():
     resource, _, _ = make_server()

@@ -279,3 +279,35 @@ async def test_a_large_body_after_small_headers_is_not_mistaken_for_headers(shap
     assert isinstance(error, UMSError), outcome
     assert error.message.startswith("login refused for user 'admin': wrong user name or password (ITG-0B001)"), \
         error.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_echoed_authorization_header_is_redacted_on_the_wire_path() -> None:
+    """A real HTTPS server refuses the login with a message that repeats the request's
+    ``Authorization`` header and the URL-encoded password: neither reaches the error."""
+    from urllib.parse import quote_plus
+
+    password = "Pa ss/w+rd!"
+    echoed: list[str] = []
+
+    def script(conn: DeviceConn) -> None:
+        request = read_request(conn).decode("latin-1")
+        authorization = next(line.split(":", 1)[1].strip() for line in request.split("\r\n")
+                             if line.lower().startswith("authorization:"))
+        echoed.append(authorization)
+        body = json.dumps({"errorCode": "ITG-0B005",
+                           "message": f"no access with {authorization} ({quote_plus(password)})"}).encode()
+        conn.send(b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                  % len(body) + body)
+        conn.drain(5)
+
+    with ScriptedDevice(PAIR.cert_pem, PAIR.key_pem, script) as server:
+        url = f"https://127.0.0.1:{server.port}"
+        d = fetch_shadow_secret(reactor, url, "27", "admin", password, UMSTrust.from_fingerprint(PAIR.sha256),
+                                timeout=5)
+        with pytest.raises(UMSError) as info:
+            await d
+    assert echoed and echoed[0].startswith("Basic ")
+    message = info.value.message
+    assert "no access with Basic <redacted> (<redacted>)" in message, message
+    assert echoed[0].split()[1] not in message and quote_plus(password) not in message
