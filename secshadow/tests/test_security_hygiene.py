@@ -301,3 +301,37 @@ def test_library_events_logs_exceptions_and_tracebacks_never_hold_the_password()
     everything = "\n".join(texts + capture.texts)
     assert "pin-mismatch" in everything or "pinned" in everything  # the capture saw something
     assert password not in everything
+
+
+CORE_CHECK = """
+import ctypes, json, resource, sys
+libc = ctypes.CDLL(None, use_errno=True)
+PR_GET_DUMPABLE = 3
+before = (libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), resource.getrlimit(resource.RLIMIT_CORE))
+from secshadow.hygiene import make_undumpable
+ok = make_undumpable()
+after = (libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), resource.getrlimit(resource.RLIMIT_CORE))
+print(json.dumps({"ok": ok, "before": before, "after": after}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_DUMPABLE) is Linux only")
+def test_make_undumpable_leaves_no_core_and_no_ptrace_by_the_same_user():
+    """In a fresh process (dumpable, core limit unlimited): after ``make_undumpable()``
+    ``prctl(PR_GET_DUMPABLE)`` is 0 and ``RLIMIT_CORE`` is (0, 0), so a crash while the
+    proxy holds the passwords writes no core file, and the same user's debuggers cannot
+    attach or read its memory."""
+    import json
+    import resource
+    import subprocess
+
+    def unlimited_core() -> None:
+        resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+    root = str(Path(__file__).resolve().parents[2])
+    run = subprocess.run([sys.executable, "-c", CORE_CHECK], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=root), preexec_fn=unlimited_core, check=False)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["before"][0] == 1 and report["before"][1] != [0, 0]  # the check can see a change
+    assert report == {"ok": True, "before": report["before"], "after": [0, [0, 0]]}
