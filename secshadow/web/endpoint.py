@@ -294,6 +294,8 @@ class WebViewerEndpoint:
         self._description = listen
         self.view_only = view_only
         self.website = WebSite(assets, clock or reactor, frame_ancestors=frame_ancestors, origins=origins)
+        #: The :class:`WebListeningPort` of the last :meth:`listen` (``None`` before).
+        self.port: WebListeningPort | None = None
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:  # noqa: N803 - the interface's name
         scheme = "https" if _is_tls(self._description) else "http"
@@ -305,8 +307,9 @@ class WebViewerEndpoint:
             ws_base = ("wss" if scheme == "https" else "ws") + base[len(scheme):]
             token = site.tokens.mint(Ticket(protocolFactory, self.view_only))
             page, websocket = site.paths(token, self.view_only)
-            return WebListeningPort(port, site.tokens, token, base + page, ws_base + websocket, self.view_only,
-                                    on_stop=site.tokens.clear)
+            self.port = WebListeningPort(port, site.tokens, token, base + page, ws_base + websocket,
+                                         self.view_only, on_stop=site.tokens.clear)
+            return self.port
 
         return self._endpoint.listen(site.site()).addCallback(listening)  # type: ignore[no-any-return]
 
