@@ -21,8 +21,11 @@ setup(
         # vncdotool: an RFB client for --snapshot; Pillow writes the PNG.
         "vncdotool>=1.2",
         "Pillow>=10",
-        # autobahn: the browser viewer's WebSocket (RFB in binary messages, subprotocols, ping).
+        # autobahn: the browser viewer's WebSocket (RFB in binary messages, subprotocols, ping)
+        # and the gateway relay's legs (secshadow-gateway, secshadow-agent, the console's leg).
         "autobahn[twisted]>=23.1",
+        # PyJWT: EdDSA (Ed25519) gateway tokens; the gateway verifies them with public keys only.
+        "PyJWT>=2.8",
     ],
     extras_require={
         "test": [
@@ -43,6 +46,8 @@ setup(
             "secshadow-ums = secshadow.lab.imiserver.cli:main",
             "secshadow-matrix = secshadow.lab.matrix:main",
             "secshadow-demo = secshadow.lab.demo:main",
+            "secshadow-gateway = secshadow.gateway.cli:gateway_main",
+            "secshadow-agent = secshadow.gateway.cli:agent_main",
         ],
     },
     classifiers=[
