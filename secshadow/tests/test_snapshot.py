@@ -3,6 +3,8 @@ real Xvnc for the integration test."""
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 from pathlib import Path
 from typing import Any
@@ -171,3 +173,108 @@ async def test_snapshot_of_real_xvnc(tmp_path: Path) -> None:
         if server.helpers:
             # The label window (white, top left) is there too: the frame is the real screen.
             assert read_pixel(path, 100, 47) == (255, 255, 255)
+
+
+# ------------------------------------------------------------------ the file it writes (issue 9)
+async def snapshot_to(path: Path) -> tuple[int, int]:
+    from twisted.internet import reactor
+
+    port = await serve("ok")
+    try:
+        return await take_snapshot(reactor, "127.0.0.1", port.getHost().port, path, timeout=5)
+    finally:
+        await port.stopListening()
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest_twisted.ensureDeferred
+async def test_snapshot_file_is_private_whatever_the_umask(tmp_path: Path, umask_022: None) -> None:
+    """The PNG shows the device's screen: mode 0600 under umask 022, also when it replaces
+    an older 0644 file of the user's own, and no temporary file is left behind."""
+    fresh = tmp_path / "fresh.png"
+    await snapshot_to(fresh)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o600
+    old = tmp_path / "old.png"
+    old.write_bytes(b"yesterday")
+    old.chmod(0o644)
+    await snapshot_to(old)
+    assert stat.S_IMODE(old.stat().st_mode) == 0o600
+    assert old.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.png", "old.png"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_planted_symlink_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    """``--snapshot shot.png`` where shot.png is a symbolic link (to a file another user
+    wants overwritten): refused with a reason; the link and its target stay as they were."""
+    target = tmp_path / "victim.txt"
+    target.write_bytes(b"precious")
+    link = tmp_path / "shot.png"
+    link.symlink_to(target)
+    with pytest.raises(SnapshotError, match="is a symbolic link") as info:
+        await snapshot_to(link)
+    assert str(link) in str(info.value)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shot.png", "victim.txt"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a file another user owns needs root (chown)")
+@pytest_twisted.ensureDeferred
+async def test_a_file_owned_by_another_user_is_not_replaced(tmp_path: Path) -> None:
+    """A file planted under the name by another user (uid 65534) is refused, unchanged,
+    still theirs, and so is a symbolic link that user planted."""
+    planted = tmp_path / "shot.png"
+    planted.write_bytes(b"theirs")
+    os.chown(planted, 65534, 65534)
+    with pytest.raises(SnapshotError, match="belongs to another user") as info:
+        await snapshot_to(planted)
+    assert "uid 65534" in str(info.value)
+    assert planted.read_bytes() == b"theirs" and planted.stat().st_uid == 65534
+    link = tmp_path / "link.png"
+    link.symlink_to(tmp_path / "elsewhere.png")
+    os.lchown(link, 65534, 65534)
+    with pytest.raises(SnapshotError, match="is a symbolic link"):
+        await snapshot_to(link)
+    assert link.is_symlink() and not (tmp_path / "elsewhere.png").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_snapshot_says_why(tmp_path: Path) -> None:
+    """Stopping the snapshot (the session ended, SIGTERM) before a frame came gives a
+    SnapshotError with a reason, never an empty one (the CLI printed "--snapshot failed: ")."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    port = await serve("silent")
+    try:
+        d = take_snapshot(reactor, "127.0.0.1", port.getHost().port, tmp_path / "x.png", timeout=30)
+        await deferLater(reactor, 0.3, lambda: None)
+        d.cancel()
+        with pytest.raises(SnapshotError) as info:
+            await d
+        assert str(info.value) == f"snapshot client: stopped before a full frame arrived from 127.0.0.1:" \
+                                  f"{port.getHost().port}"
+        assert not (tmp_path / "x.png").exists()
+    finally:
+        await port.stopListening()
+    assert [c for c in reactor.getDelayedCalls() if c.active() and c.getTime() > reactor.seconds() + 20] == []
+
+
+def test_an_unwritable_destination_gives_a_reason(tmp_path: Path) -> None:
+    """Every refusal names the file and says why (never an empty reason)."""
+    from secshadow.snapshot import check_destination
+
+    with pytest.raises(SnapshotError, match="no such directory") as info:
+        check_destination(tmp_path / "missing" / "x.png")
+    assert str(tmp_path / "missing" / "x.png") in str(info.value)
+    with pytest.raises(SnapshotError, match="not a regular file"):
+        check_destination(tmp_path)
