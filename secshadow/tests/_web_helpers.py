@@ -158,3 +158,44 @@ def wait_for_pixel(driver: Any, selector: str, x: int, y: int, rgb: tuple[int, i
 
 if __name__ == "__main__":
     _main()
+
+
+# ------------------------------------------------------------------ raw WebSocket clients
+
+
+def websocket_handshake(port: int, path: str, origin: str | None = None, protocols: str | None = "binary",
+                        rcvbuf: int | None = None, timeout: float = 10.0) -> tuple[int, Any]:
+    """Open a WebSocket upgrade to 127.0.0.1:port/path by hand; returns (HTTP status,
+    the connected socket). ``rcvbuf``: a small receive buffer for a slow reader."""
+    import base64
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(timeout)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    if protocols is not None:
+        lines.append(f"Sec-WebSocket-Protocol: {protocols}")
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        head += chunk
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
+    return status, sock
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process, KiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
