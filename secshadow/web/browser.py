@@ -43,9 +43,11 @@ FILE_LIFETIME = 90.0
 def redirect_page(url: str) -> str:
     """The redirect file's HTML: a meta refresh and a script, both to ``url``."""
     quoted = html.escape(url, quote=True)
+    # JSON inside <script>: no '<', '>' or '&' that could end the element.
+    literal = json.dumps(url).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><meta name=\"referrer\" content=\"no-referrer\">"
             f"<meta http-equiv=\"refresh\" content=\"0;url={quoted}\"><title>secshadow</title></head>"
-            f"<body><script>window.location.replace({json.dumps(url)});</script>"
+            f"<body><script>window.location.replace({literal});</script>"
             f"<p><a href=\"{quoted}\">Open the device's screen</a></p></body></html>\n")
 
 
