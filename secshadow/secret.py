@@ -7,6 +7,10 @@ summarised in ``docs/protocol.md`` section 1. Two input shapes are accepted:
   (``certificate``, ``password``) and ``lastIP``;
 - a bare ``{"certificate": ..., "password": ...}``, optionally with ``host`` and ``port``.
 
+Either may carry ``"gateway": {"url": ..., "token": ...}`` (inside ``shadowSecret`` for
+the IMI shape): the device is then reached through a gateway relay (PROTOCOL.md section
+6); the token is redacted like the password.
+
 The certificate may be PEM text whose line breaks are real or escaped (a literal
 backslash-n), or bare Base64 DER. An empty certificate is an error: the UMS never
 received one from the device, and pinning is never skipped.
@@ -18,6 +22,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import json
 import re
 from dataclasses import dataclass
@@ -31,11 +36,15 @@ from secshadow.errors import SecretError
 MAX_PASSWORD_LENGTH = 256
 #: Upper bound for a certificate as text; a device certificate is a few KiB at most.
 MAX_CERTIFICATE_TEXT = 64 * 1024
+#: Upper bound for a gateway token (a JWT) in the secret.
+MAX_GATEWAY_TOKEN = 4096
 
 _PEM_BLOCK = re.compile(
     r"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END ([A-Z0-9 ]+)-----", re.DOTALL
 )
-_HOSTNAME = re.compile(r"^[A-Za-z0-9.\-:_%\[\]]{1,253}$")
+_LABEL_CHARACTERS = re.compile(r"^[A-Za-z0-9-]+$")
+_ZONE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+_JWT = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
 
 
 class OneTimePassword:
@@ -88,6 +97,80 @@ class OneTimePassword:
 
     def __reduce__(self) -> Any:
         raise TypeError("a OneTimePassword cannot be pickled")
+
+
+class GatewayToken:
+    """The console's gateway token (a JWT, PROTOCOL.md section 6), redacted like
+    :class:`OneTimePassword`: reachable only through :meth:`reveal`, never in a
+    ``repr``, ``str``, format or pickle.
+
+    Raises :class:`SecretError` when the value is not shaped like a compact JWT
+    (three base64url parts joined by dots, at most :data:`MAX_GATEWAY_TOKEN` characters).
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        if not isinstance(value, str) or not _JWT.match(value.strip()) or len(value.strip()) > MAX_GATEWAY_TOKEN:
+            raise SecretError("the shadow secret's gateway token is not a JWT (three base64url parts joined by dots)")
+        self._value = value.strip()
+
+    def reveal(self) -> str:
+        """The token itself; call only where it goes into the gateway's Authorization header."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "GatewayToken(<redacted>)"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return repr(self)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GatewayToken):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(GatewayToken)
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a GatewayToken cannot be pickled")
+
+
+@dataclass(frozen=True, repr=False)
+class GatewayRoute:
+    """The secret's ``"gateway": {"url": ..., "token": ...}``: reach the device through a
+    gateway relay. ``url``: the console leg's ``wss://.../v1/sessions/{sid}/console``;
+    ``token``: its :class:`GatewayToken` (redacted)."""
+
+    url: str
+    token: GatewayToken
+
+    def __repr__(self) -> str:
+        return f"GatewayRoute(url={self.url!r}, token=<redacted>)"
+
+    __str__ = __repr__
+
+
+def _parse_gateway(value: object, where: str) -> GatewayRoute:
+    if not isinstance(value, Mapping):
+        raise SecretError(f"the shadow secret's 'gateway' must be an object with 'url' and 'token'{where}")
+    url, token = value.get("url"), value.get("token")
+    if not isinstance(url, str) or not isinstance(token, str):
+        raise SecretError(f"the shadow secret's 'gateway' needs 'url' and 'token' strings{where}")
+    # Imported here: the relay's URL rules live with the gateway code.
+    from secshadow.errors import UsageError
+    from secshadow.gateway.wire import parse_gateway_url
+
+    try:
+        target = parse_gateway_url(url, what="the secret's gateway url")
+    except UsageError as e:
+        raise SecretError(e.message) from None
+    if target.role != "console":
+        raise SecretError("the secret's gateway url must be the console leg (.../console)")
+    return GatewayRoute(url=target.url, token=GatewayToken(token))
 
 
 def certificate_fingerprint(der: bytes) -> str:
@@ -156,10 +239,65 @@ def _parse_port(value: object) -> int:
 
 
 def parse_host(value: object, what: str = "the device host") -> str:
-    """Validate a host name or IP literal; raises :class:`SecretError` when it is not one."""
-    if not isinstance(value, str) or not _HOSTNAME.match(value.strip()):
+    """Validate a device host: an IP address literal or a DNS host name; returns it as written
+    (surrounding white space removed).
+
+    Accepted: IPv4 (``10.0.0.5``), IPv6 without brackets (``::1``, ``fe80::1%eth0``), and
+    host names of ASCII letters, digits and ``-`` (RFC 1123): labels of 1 to 63
+    characters that neither start nor end with ``-``, 253 characters at most, one
+    optional trailing dot, a last label that is not all digits (``127.1`` is neither an
+    address nor a name). ``[::1]`` is refused with the hint to drop the brackets.
+
+    Raises :class:`SecretError` (a :class:`~secshadow.errors.UsageError`, exit 2) whose
+    message starts with ``what`` and says what is wrong, without repeating the value (a
+    malformed secret could hold the password where the host should be).
+    """
+    if not isinstance(value, str):
         raise SecretError(f"{what} must be a host name or IP address")
-    return value.strip()
+    text = value.strip()
+    if not text:
+        raise SecretError(f"{what} is empty; give a host name or IP address")
+    if _is_ip_literal(text):
+        return text
+    if text.startswith("[") or text.endswith("]"):
+        inner = text.strip("[]")
+        hint = f": {inner!r}" if _is_ip_literal(inner) else ""
+        raise SecretError(f"{what}: write an IP address without brackets{hint}")
+    if not text.isascii():
+        raise SecretError(f"{what} has non-ASCII characters; write an international name in its "
+                          f"xn-- (punycode) form")
+    if ":" in text:
+        raise SecretError(f"{what} is neither an IP address nor a host name (give the port separately)")
+    name = text[:-1] if text.endswith(".") else text
+    if len(name) > 253:
+        raise SecretError(f"{what} is longer than 253 characters")
+    labels = name.split(".")
+    for label in labels:
+        if not label:
+            raise SecretError(f"{what} has an empty label (two dots in a row, or a leading dot)")
+        if len(label) > 63:
+            raise SecretError(f"{what} has a label longer than 63 characters")
+        if not _LABEL_CHARACTERS.match(label):
+            raise SecretError(f"{what} is not a host name: only letters, digits, '-' and '.' are "
+                              f"allowed (no '_', spaces or other characters)")
+        if label.startswith("-") or label.endswith("-"):
+            raise SecretError(f"{what} is not a host name: a label cannot start or end with '-'")
+    if labels[-1].isdigit():
+        raise SecretError(f"{what} is not an IP address, and not a host name either (its last "
+                          f"label is all digits)")
+    return text
+
+
+def _is_ip_literal(text: str) -> bool:
+    """An IPv4 or IPv6 address; an IPv6 zone (``%eth0``) must look like an interface name."""
+    _, percent, zone = text.partition("%")
+    if percent and not _ZONE.match(zone):
+        return False
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, repr=False)
@@ -171,6 +309,8 @@ class ShadowSecret:
     ``host`` / ``port``: where the device is, if the secret says (IMI ``lastIP``);
     ``port`` is ``None`` when unspecified (callers default to 5900).
     ``device_id`` / ``device_name``: from the IMI document, for messages.
+    ``gateway``: a :class:`GatewayRoute` when the device is reached through a gateway
+    relay (``"gateway": {"url", "token"}`` in the document), else ``None``.
     """
 
     certificate_der: bytes
@@ -179,6 +319,7 @@ class ShadowSecret:
     port: int | None = None
     device_id: str | None = None
     device_name: str | None = None
+    gateway: GatewayRoute | None = None
 
     @property
     def certificate_sha256(self) -> str:
@@ -188,7 +329,9 @@ class ShadowSecret:
     def __repr__(self) -> str:
         return (
             f"ShadowSecret(host={self.host!r}, port={self.port!r}, device_id={self.device_id!r}, "
-            f"certificate_sha256={self.certificate_sha256!r}, password=<redacted>)"
+            f"certificate_sha256={self.certificate_sha256!r}, password=<redacted>"
+            + (f", gateway={self.gateway.url!r} token=<redacted>" if self.gateway is not None else "")
+            + ")"
         )
 
     __str__ = __repr__
@@ -233,6 +376,8 @@ def secret_from_document(document: Mapping[str, Any]) -> ShadowSecret:
     password = OneTimePassword(_text_field(inner, "password", where))
     host = None if host_value in (None, "") else parse_host(host_value, "the secret's host (lastIP)")
     port = None if port_value is None else _parse_port(port_value)
+    gateway_value = inner.get("gateway")
+    gateway = None if gateway_value is None else _parse_gateway(gateway_value, where)
     return ShadowSecret(
         certificate_der=certificate,
         password=password,
@@ -240,6 +385,7 @@ def secret_from_document(document: Mapping[str, Any]) -> ShadowSecret:
         port=port,
         device_id=str(device_id) if isinstance(device_id, (str, int)) and not isinstance(device_id, bool) else None,
         device_name=name if isinstance(name, str) else None,
+        gateway=gateway,
     )
 
 

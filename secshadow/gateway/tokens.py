@@ -272,8 +272,10 @@ class TokenVerifier:
                 continue
             except jwt.InvalidAlgorithmError:
                 raise Refusal(401, "token not signed with EdDSA") from None
-            except jwt.InvalidTokenError:
+            except jwt.DecodeError:
                 raise Refusal(401, "malformed token") from None
+            except jwt.InvalidTokenError:  # PyJWT's own claim checks (e.g. a non-string jti)
+                raise Refusal(401, "token has an invalid claim") from None
         if claims is None:
             raise Refusal(401, "bad token signature")
         for name, kind in (("sid", str), ("role", str), ("jti", str)):
