@@ -26,6 +26,7 @@ from secshadow.secret import (
     certificate_fingerprint,
     load_secret,
     parse_certificate,
+    parse_host,
     secret_from_document,
 )
 
@@ -479,3 +480,45 @@ def test_arbitrary_bytes_only_raise_secret_error(data: bytes) -> None:
         load_secret(data)
     except SecretError:
         pass
+
+
+# ------------------------------------------------------------------ device hosts (issue 9)
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("-x", "cannot start or end with '-'"),
+        ("tc-27-.example", "cannot start or end with '-'"),
+        ("host_name", "only letters, digits, '-' and '.'"),
+        ("a..b", "empty label"),
+        (".example", "empty label"),
+        ("", "is empty"),
+        ("   ", "is empty"),
+        ("a" * 64 + ".example", "longer than 63"),
+        (".".join(["abcdefghi"] * 26), "longer than 253"),
+        ("[::1]", "without brackets: '::1'"),
+        ("[10.0.0.5]", "without brackets"),
+        ("tc27.example:5900", "give the port separately"),
+        ("127.1", "last label is all digits"),
+        ("10.0.0.256", "last label is all digits"),
+        ("t\u00e4st.example", "xn--"),
+        ("fe80::1%not a zone", "give the port separately"),
+    ],
+)
+def test_a_bad_device_host_is_a_usage_error_that_says_why(host: str, reason: str) -> None:
+    """Hosts the review found ending as exit 1 (internal) or a late failure: now a usage
+    error (exit 2) at once, naming the flag and the reason."""
+    with pytest.raises(UsageError) as info:
+        parse_host(host, "--device-host")
+    assert info.value.exit_code == 2 and info.value.code == "usage"
+    assert info.value.message.startswith("--device-host"), info.value.message
+    assert reason in info.value.message, info.value.message
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["10.0.0.5", "::1", "2001:db8::5", "fe80::1%eth0", "::ffff:127.0.0.1", "localhost", "TC-27",
+     "tc-27.example.com", "tc-27.example.com.", "1tc.example", "xn--tst-qla.example", "a" * 63 + ".example",
+     " 10.0.0.5 "],
+)
+def test_a_good_device_host_is_accepted_as_written(host: str) -> None:
+    assert parse_host(host, "--device-host") == host.strip()
