@@ -109,6 +109,7 @@ async def test_one_deadline_covers_the_body(interval: float | None) -> None:
         error = outcome.value
         assert isinstance(error, UMSError), outcome
         assert error.message.startswith("the UMS did not answer within 1 s"), error.message
+        print(f"{'drip' if interval else 'stall'}: UMSError after {seconds:.3f} s (timeout 1 s)")
         assert 0.9 <= seconds < 2.0, seconds
         deadline = time.monotonic() + 3
         while watch.closed_at is None and time.monotonic() < deadline:
