@@ -161,6 +161,7 @@ def test_a_person_logs_in_finds_the_device_and_watches_it(service, lab: Lab, tmp
         wait_for_pixel(driver, "#screen", x, y, lab.xvnc.background_rgb, timeout=30)
         print(f"click to first frame: {time.monotonic() - started:.2f} s")
         assert driver.find_element(By.ID, "badge").is_displayed()
+        _wait(lambda: driver.find_element(By.ID, "message").text == "")  # no stale "Connecting..."
         assert driver.find_element(By.ID, "disconnect").is_displayed()
         shot = tmp_path / "screen.png"
         driver.save_screenshot(str(shot))
@@ -246,3 +247,27 @@ def _wait(condition: Any, timeout: float = 15.0) -> None:
         time.sleep(0.1)
     assert condition()
 
+
+
+def test_an_unreachable_device_is_explained_in_words(lab: Lab, tmp_path: Path):
+    require_program("chromium")
+    from selenium.webdriver.common.by import By
+
+    from secshadow.lab.vnc import free_tcp_port
+
+    process, listening = start_service(lab, tmp_path, "--device-port", str(free_tcp_port()))
+    driver = chromium(tmp_path / "profile", 1100, 560)
+    try:
+        driver.get(listening["url"])
+        driver.find_element(By.ID, "user").send_keys("admin")
+        driver.find_element(By.ID, "password").send_keys(lab.password_file.read_text().strip())
+        driver.find_element(By.ID, "login").click()
+        _wait(lambda: driver.execute_script("return document.body.dataset.view") == "devices")
+        driver.find_element(By.CSS_SELECTOR, "button[data-device='27']").click()
+        _wait(lambda: "cannot be reached" in driver.find_element(By.ID, "message").text, timeout=30)
+        assert driver.execute_script("return document.body.dataset.view") == "devices"
+        assert "error" in driver.find_element(By.ID, "message").get_attribute("class")
+        _keep(driver, "web-error.png")
+    finally:
+        driver.quit()
+        process.stop()

@@ -121,7 +121,8 @@ async function shadow(device, button) {
   viewer = openViewer($('screen'), websocketUrl(answer.websocket), {
     viewOnly: answer.view_only,
     onState(state, text) {
-      if (state === 'connected' || state === 'named') return;
+      if (state === 'named') return;
+      if (state === 'connected') { say(''); return; }
       if (state === 'ended' || state === 'failed') {
         viewer = null;
         $('screen').replaceChildren();
