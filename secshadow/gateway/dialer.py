@@ -148,7 +148,9 @@ class GatewayStream:
             self._leg.resume_reading()
 
     def stopProducing(self) -> None:
-        self.abortConnection()
+        # As a TCP transport does: the consumer this stream produced for is gone (e.g.
+        # the spliced target connection closed), so close cleanly.
+        self.loseConnection()
 
     # IConsumer: producers writing into this stream
     def registerProducer(self, producer: Any, streaming: bool) -> None:

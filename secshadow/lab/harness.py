@@ -128,6 +128,103 @@ def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 @dataclass
+class GatewayProcess:
+    """A running ``secshadow-gateway`` (TLS with a generated certificate for
+    127.0.0.1/localhost, or ``--plaintext``) and the token key pair that goes with it.
+
+    ``base_url``: ``wss://127.0.0.1:PORT`` (``ws://`` in plaintext mode); ``fingerprint``:
+    the SHA-256 of its certificate (for ``--gateway-fingerprint``); ``token_key``: the
+    Ed25519 signing key (mode 0600), ``token_public``: what the gateway was given.
+    """
+
+    process: ManagedProcess
+    port: int
+    base_url: str
+    fingerprint: str
+    cert: Path | None
+    token_key: Path
+    token_public: Path
+    workdir: Path
+
+    def leg_url(self, sid: str, role: str) -> str:
+        return f"{self.base_url}/v1/sessions/{sid}/{role}"
+
+    def mint(self, sid: str, role: str, lifetime: float = 300.0, **kwargs: Any) -> str:
+        """A token for ``role`` of ``sid`` signed with the lab's key (``kwargs``: see
+        :func:`secshadow.gateway.tokens.mint_token`)."""
+        from secshadow.gateway.tokens import load_private_key, mint_token
+
+        return mint_token(load_private_key(self.token_key), sid, role, lifetime, **kwargs)
+
+    def token_file(self, sid: str, role: str, token: str | None = None, lifetime: float = 300.0) -> Path:
+        """Write ``token`` (or a freshly minted one) to a mode-0600 file; returns its path."""
+        path = self.workdir / f"token-{sid}-{role}-{secrets.token_hex(4)}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write((token or self.mint(sid, role, lifetime)) + "\n")
+        return path
+
+    def trust_args(self) -> list[str]:
+        return ["--gateway-fingerprint", self.fingerprint] if self.fingerprint else []
+
+    def stop(self) -> int | None:
+        return self.process.stop()
+
+
+def write_token_keys(workdir: Path) -> tuple[Path, Path]:
+    """An Ed25519 token key pair in ``workdir`` (``gateway-token.key.pem`` mode 0600,
+    ``gateway-token.pub.pem``), reused when it exists."""
+    from secshadow.gateway.tokens import generate_key_pair
+
+    private, public = workdir / "gateway-token.key.pem", workdir / "gateway-token.pub.pem"
+    if private.exists() and public.exists():
+        return private, public
+    return generate_key_pair(workdir)
+
+
+def start_gateway(workdir: Path, *extra: str, plaintext: bool = False, name: str = "gateway") -> GatewayProcess:
+    """Start ``secshadow-gateway`` on 127.0.0.1 (a free port) with ``--json``; returns once
+    it listens. TLS uses a fresh self-signed certificate with subjectAltName
+    ``127.0.0.1``/``localhost``. ``extra``: more flags (``--pairing-timeout 2``, ...)."""
+    private, public = write_token_keys(workdir)
+    argv = [*python_module("secshadow.gateway.cli"), "gateway", "--listen", "tcp:0:interface=127.0.0.1",
+            "--token-key", str(public), "--json"]
+    cert: Path | None = None
+    fingerprint = ""
+    if plaintext:
+        argv.append("--plaintext")
+    else:
+        cert, key = certs.write_pair(workdir, f"{name}-tls", key_type="ecdsa-p256", subject_cn="secshadow-gateway",
+                                     organization="secshadow lab", locality=None, country=None,
+                                     san_dns=["localhost"], san_ips=["127.0.0.1"])
+        fingerprint = certs.certificate_sha256(cert.read_bytes())
+        argv += ["--tls-cert", str(cert), "--tls-key", str(key)]
+    process = ManagedProcess(name, [*argv, *extra], workdir, env=child_environment())
+    try:
+        port = int(process.wait_for("gateway-listening")["port"])
+    except BaseException:
+        process.stop()
+        raise
+    scheme = "ws" if plaintext else "wss"
+    return GatewayProcess(process=process, port=port, base_url=f"{scheme}://127.0.0.1:{port}",
+                          fingerprint=fingerprint, cert=cert, token_key=private, token_public=public,
+                          workdir=workdir)
+
+
+def start_agent(gateway: GatewayProcess, sid: str, target_port: int, *extra: str,
+                target_host: str = "127.0.0.1", token_file: Path | None = None, name: str = "agent") -> ManagedProcess:
+    """Start ``secshadow-agent --json`` for the device leg of ``sid`` (a fresh token unless
+    ``token_file``), splicing to ``target_host:target_port``; returns at once (it waits
+    for the console)."""
+    token = token_file or gateway.token_file(sid, "device")
+    return ManagedProcess(name, [
+        *python_module("secshadow.gateway.cli"), "agent", "--gateway", gateway.leg_url(sid, "device"),
+        "--token-file", str(token), "--target", f"{target_host}:{target_port}", *gateway.trust_args(),
+        "--json", *extra,
+    ], gateway.workdir, env=child_environment())
+
+
+@dataclass
 class Lab:
     """A running lab. ``ums_url``, ``ums_fingerprint``: the IMI server and its certificate's
     SHA-256; ``device_port``: the emulator's TLS port; ``device_cert``: its certificate PEM
@@ -143,6 +240,9 @@ class Lab:
     device_cert: Path = field(default_factory=Path)
     device_key: Path = field(default_factory=Path)
     password_file: Path = field(default_factory=Path)
+    #: With ``start_lab(gateway=True)``: the gateway, and the device's session id there.
+    gateway: GatewayProcess | None = None
+    gateway_sid: str = ""
     _owns_workdir: bool = True
 
     def proxy_argv(self, *extra: str) -> list[str]:
@@ -197,8 +297,25 @@ class Lab:
         process.wait_for("listening")
         return process
 
+    def start_dialing_device(self, gateway: GatewayProcess, sid: str, *extra: str,
+                             cert: Path | None = None, key: Path | None = None,
+                             name: str = "dialing-device") -> ManagedProcess:
+        """A device emulator that dials the gateway's device leg of ``sid`` itself
+        (``secshadow-device --dial``), checking passwords with the lab's IMI server;
+        returns once it announced ``dialing``."""
+        vnc_port = self.xvnc.rfb_port if self.xvnc else 5901
+        process = ManagedProcess(name, [
+            *python_module("secshadow.lab.device.cli"), "--dial", gateway.leg_url(sid, "device"),
+            "--token-file", str(gateway.token_file(sid, "device")), *gateway.trust_args(),
+            "--cert", str(cert or self.device_cert), "--key", str(key or self.device_key),
+            "--vnc", f"127.0.0.1:{vnc_port}", "--ums", self.ums_url, "--device-id", DEVICE_ID,
+            "--ums-fingerprint", self.ums_fingerprint, *extra,
+        ], self.workdir, env=child_environment())
+        process.wait_for("dialing")
+        return process
+
     def stop(self) -> None:
-        for process in (self.device, self.ums):
+        for process in (self.device, self.ums, self.gateway.process if self.gateway else None):
             if process is not None:
                 process.stop()
         if self.xvnc is not None:
@@ -220,8 +337,12 @@ class Lab:
 
 def start_lab(workdir: Path | None = None, *, with_xvnc: bool = True, device_args: Sequence[str] = (),
               background: str = "#1f6feb", label: str | None = "secshadow demo",
-              progress: Any = None) -> Lab:
+              progress: Any = None, gateway: bool = False) -> Lab:
     """Start Xvnc (optional), ``secshadow-ums`` and ``secshadow-device``; returns a :class:`Lab`.
+
+    ``gateway``: also start ``secshadow-gateway`` (TLS) first, and configure the IMI
+    server so the device sits behind it (session id ``tc-27``): its ``shadowSecret`` then
+    carries ``"gateway": {"url", "token"}`` for the console.
 
     ``progress``: called with a sentence before each step (the demo prints them).
     Raises :class:`LabError` or :class:`secshadow.lab.vnc.XvncError` when a program fails.
@@ -243,13 +364,20 @@ def start_lab(workdir: Path | None = None, *, with_xvnc: bool = True, device_arg
         password = secrets.token_urlsafe(18)
         with os.fdopen(fd, "w") as f:
             f.write(password + "\n")
-        config = {
+        config: dict[str, Any] = {
             "users": [{"name": UMS_USER, "password_env": "SECSHADOW_LAB_UMS_PASSWORD"}],
             "devices": [{
                 "id": DEVICE_ID, "name": DEVICE_NAME, "lastIP": "127.0.0.1",
                 "certificate_file": str(lab.device_cert), "mac": "00E0C54DCB8E", "firmwareID": "21",
             }],
         }
+        if gateway:
+            say("starting the gateway relay (secshadow-gateway, TLS, Ed25519 token keys)")
+            lab.gateway = start_gateway(work)
+            lab.gateway_sid = f"tc-{DEVICE_ID}"
+            say(f"gateway at {lab.gateway.base_url}, certificate SHA-256 {lab.gateway.fingerprint[:23]}...")
+            config["gateway"] = {"url": lab.gateway.base_url, "token_key_file": str(lab.gateway.token_key)}
+            config["devices"][0]["gateway_sid"] = lab.gateway_sid
         config_path = work / "ums.json"
         config_path.write_text(json.dumps(config, indent=2))
         say("starting the reference IMI server (secshadow-ums, HTTPS, self-signed)")

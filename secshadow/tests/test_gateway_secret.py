@@ -141,5 +141,8 @@ def test_lose_and_abort() -> None:
     s.write(b"late")
     assert leg.messages == []  # nothing after a close started
     s2, leg2 = stream()
-    s2.stopProducing()
-    assert leg2.aborted
+    s2.stopProducing()  # like TCP: the consumer is gone, close cleanly
+    assert leg2.closed and not leg2.aborted
+    s3, leg3 = stream()
+    s3.abortConnection()
+    assert leg3.aborted

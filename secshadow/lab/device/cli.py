@@ -11,7 +11,13 @@ Standard output carries one JSON object per line (flushed as it happens), e.g.::
     {"event": "app-bytes", "count": 1234, "reason": "relay ended"}
 
 (``certificate`` only with ``--generate-cert``; ``consent`` with consent-prompt
-firmware; ``warning`` with ``--ums-insecure``.) Progress and errors go to standard
+firmware; ``warning`` with ``--ums-insecure``.)
+
+``--dial URL --token-file FILE`` makes the device dial out to a gateway relay instead of
+listening, like an OS 12 device (PROTOCOL.md section 6): ``{"event": "dialing", "url":
+...}``, then ``{"event": "paired"}`` once the console joined, then the events above for
+that one session; the process exits 0 when it ends, 9 when the gateway fails
+(unreachable, certificate, token refused, pairing timeout). Progress and errors go to standard
 error. No line ever contains the password. Exit status: 0 after SIGINT/SIGTERM,
 2 for bad flags or files, 1 when the listener cannot be opened.
 """
@@ -94,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--vnc", default="127.0.0.1:5901", metavar="HOST:PORT", help="VNC server to relay to (default: %(default)s)"
     )
     parser.add_argument("--port-file", metavar="FILE", help="write the listening port number to FILE")
+    dial = parser.add_argument_group("dialing out to a gateway relay instead of listening (one session)")
+    dial.add_argument("--dial", metavar="URL", help="the device leg's URL, wss://GATEWAY/v1/sessions/{sid}/device")
+    dial.add_argument("--token-file", metavar="FILE", help="the device leg's token (a JWT)")
+    dial.add_argument("--gateway-ca", metavar="FILE", help="CA/certificate PEM for the gateway's certificate")
+    dial.add_argument("--gateway-fingerprint", metavar="HEX", help="SHA-256 of the gateway's certificate")
+    dial.add_argument("--dial-timeout", type=float, default=90.0, metavar="S",
+                      help="how long to wait for the console to join, seconds (default: %(default)g)")
     passwords = parser.add_argument_group("password check (either --ums ... or --accept-password-file)")
     passwords.add_argument("--ums", metavar="URL", help="IMI server that checks one-time passwords")
     passwords.add_argument("--device-id", metavar="ID", help="this device's id at the IMI server")
@@ -121,6 +134,8 @@ class _Config:
     port_file: str | None
     checker_factory: Any  # reactor -> PasswordChecker
     plaintext: bool = False
+    #: (url, token, trust, timeout) with --dial; the token is kept in memory only.
+    dial: tuple[str, str, Any, float] | None = dataclasses.field(default=None, repr=False)
 
 
 def _read(path: str, what: str) -> bytes:
@@ -188,6 +203,7 @@ def configure(args: argparse.Namespace) -> _Config:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     vnc_host, vnc_port = _parse_vnc(args.vnc)
+    dial = _dial_config(args)
     if args.generate_cert and (args.cert or args.key):
         raise UsageError("give either --cert/--key or --generate-cert, not both")
     # Every other flag is checked before --generate-cert writes files.
@@ -231,7 +247,38 @@ def configure(args: argparse.Namespace) -> _Config:
         port_file=args.port_file,
         checker_factory=checker_factory,
         plaintext=args.plaintext,
+        dial=dial,
     )
+
+
+def _dial_config(args: argparse.Namespace) -> tuple[str, str, Any, float] | None:
+    if not args.dial:
+        if args.token_file or args.gateway_ca or args.gateway_fingerprint:
+            raise UsageError("--token-file, --gateway-ca and --gateway-fingerprint go with --dial URL")
+        return None
+    if args.plaintext:
+        raise UsageError("--dial needs the device's own TLS (the console pins it through the gateway); not --plaintext")
+    if not args.token_file:
+        raise UsageError("--dial needs --token-file FILE (the device leg's token)")
+    if args.gateway_ca and args.gateway_fingerprint:
+        raise UsageError("give either --gateway-ca or --gateway-fingerprint, not both")
+    if not args.dial_timeout > 0:
+        raise UsageError("--dial-timeout must be a positive number of seconds")
+    from secshadow.gateway.tokens import read_token_file
+    from secshadow.gateway.wire import parse_gateway_url
+    from secshadow.umstrust import UMSTrust
+
+    target = parse_gateway_url(args.dial, what="--dial")
+    if target.role != "device":
+        raise UsageError("--dial must be the device leg's URL (.../device)")
+    token = read_token_file(args.token_file)
+    if args.gateway_fingerprint:
+        trust = UMSTrust.from_fingerprint(args.gateway_fingerprint)
+    elif args.gateway_ca:
+        trust = UMSTrust.from_ca_file(args.gateway_ca)
+    else:
+        trust = UMSTrust.system()
+    return target.url, token, trust, args.dial_timeout
 
 
 def _write_port_file(path: str, port: int) -> None:
@@ -245,18 +292,21 @@ async def _run(reactor: Any, config: _Config) -> None:
     from twisted.internet.defer import Deferred
     from twisted.internet.task import deferLater
 
-    from secshadow.lab.device.emulator import DeviceEmulator, DeviceListening
+    from secshadow.lab.device.emulator import ConnectionClosed, DeviceEmulator, DeviceListening
     from secshadow.events import Event
 
     # react() calls this before reactor.run() installs the SIGINT/SIGTERM handlers; wait
     # for the running reactor, so a signal right after the "listening" line stops cleanly.
     await deferLater(reactor, 0, lambda: None)
+    session_over: Deferred[None] = Deferred()
 
     def on_event(event: Event) -> None:
         if isinstance(event, DeviceListening) and config.port_file:
             # Written before the "listening" line, so a reader of either finds the file.
             _write_port_file(config.port_file, event.port)
         _print_json(event.as_dict())
+        if isinstance(event, ConnectionClosed) and not session_over.called:
+            session_over.callback(None)
 
     emulator = DeviceEmulator(
         reactor,
@@ -269,6 +319,9 @@ async def _run(reactor: Any, config: _Config) -> None:
         on_event=on_event,
         plaintext=config.plaintext,
     )
+    if config.dial is not None:
+        await _dial(reactor, config, emulator, session_over)
+        return
     try:
         await emulator.listen(config.listen)
     except SecShadowError as exc:
@@ -284,6 +337,34 @@ async def _run(reactor: Any, config: _Config) -> None:
     # SIGINT/SIGTERM stop the reactor (react installs the handlers); close cleanly first.
     reactor.addSystemEventTrigger("before", "shutdown", emulator.stop)
     await Deferred()  # run until the reactor stops
+
+
+async def _dial(reactor: Any, config: _Config, emulator: Any, session_over: Any) -> None:
+    """One session through a gateway: dial, serve the console's TLS over the stream."""
+    from twisted.internet.defer import CancelledError
+
+    from secshadow.errors import GatewayError
+    from secshadow.gateway.dialer import gateway_endpoint
+
+    assert config.dial is not None
+    url, token, trust, timeout = config.dial
+    endpoint = gateway_endpoint(reactor, url, token, trust, timeout)
+    _print_json({"event": "dialing", "url": url})
+    sys.stderr.write(f"{PROG}: firmware {config.profile.name!r}, dialing {url}, relaying to VNC at "
+                     f"{config.vnc_host}:{config.vnc_port}\n")
+    connecting = endpoint.connect(emulator.tls_factory())
+    reactor.addSystemEventTrigger("before", "shutdown", connecting.cancel)
+    reactor.addSystemEventTrigger("before", "shutdown", emulator.stop)
+    try:
+        await connecting
+    except CancelledError:
+        return  # SIGINT/SIGTERM while waiting for the console
+    except GatewayError as exc:
+        _error(exc.message)
+        _print_json({"event": "error", "code": exc.code, "message": exc.message})
+        raise SystemExit(exc.exit_code) from None
+    _print_json({"event": "paired"})
+    await session_over
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -14,6 +14,15 @@ Once listening, one JSON line goes to standard output (flushed)::
 
 Exit status: 0 after SIGINT/SIGTERM, 2 for bad flags or configuration (a message,
 never a traceback), 1 when it cannot listen.
+
+Gateway tokens (PROTOCOL.md section 6), for tests and for device agents::
+
+    secshadow-ums token --generate-key DIR
+    secshadow-ums token --key DIR/gateway-token.key.pem --sid tc-27 --role device [--lifetime S] [--out FILE]
+
+``--generate-key`` writes an Ed25519 pair (``gateway-token.key.pem``, mode 0600, for the
+management server; ``gateway-token.pub.pem`` for ``secshadow-gateway --token-key``).
+The token goes to ``--out`` (created with mode 0600) or to standard output; never to a log.
 """
 
 from __future__ import annotations
@@ -116,9 +125,54 @@ async def _serve(reactor: Any, args: argparse.Namespace, site: Any, tls: Any, fi
     await Deferred()
 
 
+def _token_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"{PROG} token", description="Mint a gateway token (EdDSA JWT) for one leg.")
+    p.add_argument("--generate-key", metavar="DIR", help="write a fresh Ed25519 key pair to DIR and exit")
+    p.add_argument("--key", metavar="PEM", help="the Ed25519 signing key (PKCS#8 PEM)")
+    p.add_argument("--sid", help="the gateway session id")
+    p.add_argument("--role", choices=("console", "device"))
+    p.add_argument("--lifetime", type=float, default=300.0, metavar="S", help="seconds (default: %(default)g)")
+    p.add_argument("--out", metavar="FILE", help="write the token to FILE (mode 0600) instead of standard output")
+    return p
+
+
+def token_main(argv: list[str]) -> None:
+    """``secshadow-ums token ...``: generate a signing key pair, or mint one leg's token."""
+    from secshadow.gateway.tokens import generate_key_pair, load_private_key, mint_token
+
+    args = _token_parser().parse_args(argv)
+    try:
+        if args.generate_key:
+            private, public = generate_key_pair(args.generate_key)
+            print(f"{PROG}: wrote {private} (mode 0600, keep it on the management server) and {public} "
+                  "(give it to secshadow-gateway --token-key)", file=sys.stderr, flush=True)
+            return
+        if not (args.key and args.sid and args.role):
+            raise UsageError("give --key PEM --sid SID --role console|device (or --generate-key DIR)")
+        token = mint_token(load_private_key(args.key), args.sid, args.role, args.lifetime)
+        if args.out:
+            try:
+                fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                os.fchmod(fd, 0o600)
+                with os.fdopen(fd, "w", encoding="ascii") as f:
+                    f.write(token + "\n")
+            except OSError as e:
+                raise UsageError(f"cannot write --out {args.out}: {e.strerror or e}") from None
+        else:
+            sys.stdout.write(token + "\n")
+            sys.stdout.flush()
+    except UsageError as e:
+        print(f"{PROG} token: error: {e.message}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point (``secshadow-ums``)."""
-    args = _parser().parse_args(argv)
+    """Console entry point (``secshadow-ums``; ``secshadow-ums token ...`` mints gateway tokens)."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments[:1] == ["token"]:
+        token_main(arguments[1:])
+        return
+    args = _parser().parse_args(arguments)
     try:
         if args.generate_cert and (args.cert or args.key):
             raise ConfigError("give either --generate-cert DIR or --cert and --key, not both")

@@ -51,7 +51,15 @@ Configuration (JSON; :func:`load_config`)::
      "devices": [{"id": "27", "name": "Curry", "lastIP": "127.0.0.1", "port": 5900,
                   "certificate": "<PEM>" | "certificate_file": "dev.pem",
                   "movedToBin": false, "mac": "00E0C54DCB8E", "firmwareID": "21"}],
-     "shadow_licensed": true, "api_versions": ["v2", "v3"]}
+     "shadow_licensed": true, "api_versions": ["v2", "v3"],
+     "gateway": {"url": "wss://gw.example:8443", "token_key_file": "gateway-token.key.pem",
+                 "token_lifetime": 300}}
+
+A device with ``"gateway_sid": "tc-27"`` sits behind the gateway relay (PROTOCOL.md
+section 6): its ``shadowSecret`` then also carries ``"gateway": {"url": ..., "token":
+...}``, the console leg's URL of that session and a fresh console token signed with the
+Ed25519 key in ``token_key_file`` (device tokens for agents: ``secshadow-ums token``).
+Tokens are never logged.
 
 ``certificate`` may be ``""`` to emulate a UMS that never received the device's
 certificate. Relative ``certificate_file`` paths are relative to the config file.
@@ -123,6 +131,18 @@ class Device:
     mac: str = "00E0C5000000"
     firmware_id: str = "21"
     parent_id: str = "-1"
+    #: The gateway session id when the device is reached through the gateway relay.
+    gateway_sid: str | None = None
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """``"gateway"`` of the configuration: the relay's base ``url`` (``wss://host:port``),
+    the token signing key and the lifetime of minted tokens (seconds)."""
+
+    url: str
+    signing_key: Any = field(repr=False)
+    token_lifetime: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -133,6 +153,7 @@ class UMSConfig:
     devices: Mapping[str, Device]
     shadow_licensed: bool = True
     api_versions: frozenset[str] = frozenset({"v2", "v3"})
+    gateway: GatewaySettings | None = None
 
 
 def _want(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -204,6 +225,9 @@ def _parse_device(raw: Any, index: int, base_dir: str) -> Device:
     moved = raw.get("movedToBin", False)
     if not isinstance(moved, bool):
         raise ConfigError(f"{where}: movedToBin must be true or false")
+    gateway_sid = raw.get("gateway_sid")
+    if gateway_sid is not None and (not isinstance(gateway_sid, str) or not re.match(r"^[A-Za-z0-9_-]{1,64}$", gateway_sid)):
+        raise ConfigError(f"{where}: gateway_sid must be 1 to 64 letters, digits, _ or -")
     last_ip = raw.get("lastIP", "127.0.0.1")
     name = raw.get("name", f"device-{device_id}")
     firmware = raw.get("firmwareID", "21")
@@ -221,6 +245,7 @@ def _parse_device(raw: Any, index: int, base_dir: str) -> Device:
         mac=mac.replace(":", "").upper(),
         firmware_id=firmware,
         parent_id=parent,
+        gateway_sid=gateway_sid,
     )
 
 
@@ -234,7 +259,7 @@ def config_from_dict(
     environ = os.environ if environ is None else environ
     if not isinstance(data, Mapping):
         raise ConfigError("the configuration must be a JSON object")
-    unknown = set(data) - {"users", "devices", "shadow_licensed", "api_versions"}
+    unknown = set(data) - {"users", "devices", "shadow_licensed", "api_versions", "gateway"}
     if unknown:
         raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
     raw_users = data.get("users", [])
@@ -259,7 +284,35 @@ def config_from_dict(
     versions = data.get("api_versions", ["v2", "v3"])
     if not isinstance(versions, list) or not set(versions) <= {"v2", "v3"} or not versions:
         raise ConfigError('api_versions must be a non-empty list of "v2" and/or "v3"')
-    return UMSConfig(users=users, devices=devices, shadow_licensed=licensed, api_versions=frozenset(versions))
+    gateway = _parse_gateway(data["gateway"], base_dir) if "gateway" in data else None
+    behind = sorted(d.id for d in devices.values() if d.gateway_sid)
+    if behind and gateway is None:
+        raise ConfigError(f"device(s) {', '.join(behind)} have a gateway_sid but the configuration has no 'gateway'")
+    return UMSConfig(users=users, devices=devices, shadow_licensed=licensed, api_versions=frozenset(versions),
+                     gateway=gateway)
+
+
+def _parse_gateway(raw: Any, base_dir: str) -> GatewaySettings:
+    from secshadow.gateway.tokens import load_private_key
+    from secshadow.gateway.wire import parse_gateway_url
+
+    where = "gateway"
+    if not isinstance(raw, Mapping):
+        raise ConfigError("'gateway' must be an object with 'url' and 'token_key_file'")
+    url = _want(raw, "url", str, where).rstrip("/")
+    try:
+        parse_gateway_url(f"{url}/v1/sessions/x/console", what="gateway.url")
+    except UsageError as e:
+        raise ConfigError(f"{e.message} (gateway.url is the base, e.g. wss://gw.example:8443)") from None
+    path = os.path.join(base_dir, _want(raw, "token_key_file", str, where))
+    try:
+        key = load_private_key(path)
+    except UsageError as e:
+        raise ConfigError(f"gateway.token_key_file: {e.message}") from None
+    lifetime = raw.get("token_lifetime", 300)
+    if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)) or not 0 < lifetime <= 3600:
+        raise ConfigError("gateway.token_lifetime must be a number of seconds from 1 to 3600")
+    return GatewaySettings(url=url, signing_key=key, token_lifetime=float(lifetime))
 
 
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> UMSConfig:
@@ -458,6 +511,17 @@ class UMSResource(Resource):
             }
             _log.info("issued a one-time password for device {device} to user {user!r}",
                       device=device.id, user=user.name)
+            gateway = self.state.config.gateway
+            if device.gateway_sid and gateway is not None:
+                from secshadow.gateway.tokens import mint_token
+                from secshadow.gateway.wire import session_url
+
+                document["shadowSecret"]["gateway"] = {
+                    "url": session_url(gateway.url, device.gateway_sid, "console"),
+                    "token": mint_token(gateway.signing_key, device.gateway_sid, "console", gateway.token_lifetime),
+                }
+                _log.info("issued a console token for gateway session {sid} (device {device})",
+                          sid=device.gateway_sid, device=device.id)
         version = "v3" if b"/v3/" in (request.path or b"") else "v2"
         self_href = f"{_origin(request)}/umsapi/{version}/thinclients/{device.id}"
         document.update(
