@@ -5,7 +5,10 @@ stand-alone endpoint process, real headless Chromium through selenium, and canva
 :class:`~secshadow.web.endpoint.WebViewerEndpoint` whose viewer factory relays to
 ``--target`` with ``secshadow.relay.Splice``, prints one JSON line ``{"event":
 "listening", "url", "websocket", "pid"}`` and then ``{"event": "viewer-connected"}`` /
-``{"event": "viewer-lost"}`` as browsers come and go; it exits on SIGTERM.
+``{"event": "viewer-lost"}`` as browsers come and go; it exits on SIGTERM. With
+``--ums URL --ums-fingerprint HEX --password-file F --device-port P`` it runs a real
+session instead (``secshadow.api.start_shadowing`` with the endpoint as its viewer side,
+the lab's device 27) and prints the session's events.
 """
 
 from __future__ import annotations
@@ -100,14 +103,21 @@ def _main() -> None:
     from secshadow.web.endpoint import WebViewerEndpoint
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--target", required=True)
+    parser.add_argument("--target", help="HOST:PORT of a plain RFB server to relay to")
+    parser.add_argument("--ums", help="instead: a real session (start_shadowing) with the secret from this IMI server")
+    parser.add_argument("--ums-fingerprint")
+    parser.add_argument("--password-file")
+    parser.add_argument("--device-port", type=int)
     parser.add_argument("--view-only", action="store_true")
     parser.add_argument("--token-lifetime", type=float, default=None)
     args = parser.parse_args()
-    host, _, port = args.target.rpartition(":")
     endpoint = WebViewerEndpoint(reactor, assets=find_novnc(), view_only=args.view_only)
     if args.token_lifetime is not None:
         endpoint.website.tokens.lifetime = args.token_lifetime
+    if args.ums:
+        _session(reactor, endpoint, args)
+        return
+    host, _, port = args.target.rpartition(":")
 
     def listening(port_: Any) -> None:
         _say(event="listening", url=port_.url, websocket=port_.websocket, pid=os.getpid(),
@@ -115,6 +125,30 @@ def _main() -> None:
 
     endpoint.listen(RelayFactory(reactor, host, int(port))).addCallback(listening)
     reactor.run()  # type: ignore[attr-defined]
+
+
+def _session(reactor: Any, endpoint: Any, args: Any) -> None:
+    """The real thing: :func:`secshadow.api.start_shadowing` with the web endpoint as its
+    viewer side; every session event is printed (``listening`` with the endpoint's pid)."""
+    from secshadow.api import IMISource, start_shadowing
+    from secshadow.options import SessionOptions
+    from secshadow.umstrust import UMSTrust
+
+    password = Path(args.password_file).read_text().strip()
+    source = IMISource(reactor, args.ums, "27", "admin", password, UMSTrust.from_fingerprint(args.ums_fingerprint))
+    options = SessionOptions(device_port=args.device_port, view_only=args.view_only)
+
+    def on_event(event: Any) -> None:
+        fields = event.as_dict()
+        if fields["event"] == "listening":
+            fields["pid"] = os.getpid()
+        _say(**fields)
+
+    shadowing = start_shadowing(reactor, source, options, on_event=on_event, viewer_name="browser",
+                                viewer_endpoint=endpoint)
+    shadowing.done.addErrback(lambda f: _say(event="error", message=f.getErrorMessage()))
+    shadowing.done.addBoth(lambda _: reactor.stop())
+    reactor.run()
 
 
 # ------------------------------------------------------------------ the browser

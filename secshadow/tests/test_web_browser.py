@@ -238,3 +238,64 @@ def test_a_browser_that_stops_reading_does_not_grow_memory(tmp_path: Path):
     finally:
         flood.close()
         endpoint.stop()
+
+
+# ------------------------------------------------------------------ the real session
+
+
+def start_session(lab: Lab, tmp_path: Path, *extra: str) -> ManagedProcess:
+    process = ManagedProcess("web-session", [
+        *python_module("secshadow.tests._web_helpers"), "--ums", lab.ums_url, "--ums-fingerprint",
+        lab.ums_fingerprint, "--password-file", str(lab.password_file), "--device-port", str(lab.device_port),
+        *extra], tmp_path, env=child_environment())
+    process.wait_for("listening", timeout=30)
+    return process
+
+
+def test_a_real_session_shows_the_device_through_the_pinned_tunnel(lab: Lab, browser: Any, tmp_path: Path):
+    before = len(lab.device.named("procycmd"))
+    session = start_session(lab, tmp_path, "--view-only")
+    try:
+        listening = session.named("listening")[0]
+        assert listening["url"].endswith("&view_only=1") and listening["view_only"] is True
+        started = time.monotonic()
+        browser.get(listening["url"])
+        x, y = lab.xvnc.background_point
+        wait_for_pixel(browser, "#screen", x, y, lab.xvnc.background_rgb)
+        print(f"real session, request to first frame: {time.monotonic() - started:.2f} s; "
+              f"endpoint process RSS {rss_kib(listening['pid'])} KiB")
+        assert browser.find_element("id", "badge").is_displayed()
+        # The link is used: a second try gets nothing (the session closed its listener once its
+        # one viewer came; were it still open, the token would get 403), and the device sees
+        # no second PROCYCMD.
+        path = listening["websocket"].split(str(listening["port"]), 1)[1]
+        try:
+            status, sock = websocket_handshake(listening["port"], path)
+            sock.close()
+        except ConnectionRefusedError:
+            status = 0
+        assert status in (0, 403)
+        browser.close()  # closing the tab ends the session
+        session.wait_for("closed", timeout=30)
+        assert session.process.wait(timeout=30) == 0
+    finally:
+        session.stop()
+    assert lab.device.named("procycmd")[before:] == [{"event": "procycmd", "accepted": True, "reason": "ok"}]
+
+
+def test_refused_upgrades_never_reach_the_device(lab: Lab, tmp_path: Path):
+    before = len(lab.device.named("procycmd"))
+    session = start_session(lab, tmp_path)
+    try:
+        listening = session.named("listening")[0]
+        good = listening["websocket"].split(str(listening["port"]), 1)[1]
+        wrong = good[:-4] + ("AAAA" if not good.endswith("AAAA") else "BBBB")
+        for path, origin in ((wrong, None), (good, "http://evil.example")):
+            status, sock = websocket_handshake(listening["port"], path, origin=origin)
+            sock.close()
+            assert status == 403
+        time.sleep(0.5)
+        assert lab.device.named("procycmd")[before:] == []
+        assert session.named("viewer-connected") == []
+    finally:
+        session.stop()
