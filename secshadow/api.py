@@ -19,19 +19,29 @@ Several shadowings run side by side in one reactor; each has its own listener.
 
 from __future__ import annotations
 
-from typing import Any, Protocol as TypingProtocol
+import os
+import pwd
+import time
+from typing import TYPE_CHECKING, Any, Protocol as TypingProtocol
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from secshadow import events
-from secshadow.errors import SecretError, SecShadowError, UsageError
-from secshadow.proxy import SessionOptions, ShadowSession, ViewerLauncher
+from secshadow.errors import SecretError, SecShadowError
+from secshadow.options import SessionOptions
+from secshadow.proxy import ShadowSession, ViewerLauncher
+from secshadow.reactor import SessionReactor
 from secshadow.secret import ShadowSecret
+from secshadow.tunnel import DeviceDialer
 from secshadow.umstrust import UMSTrust
 
-#: The device's TLS port when neither the caller nor the secret names one.
-DEFAULT_DEVICE_PORT = 5900
+if TYPE_CHECKING:
+    from secshadow.audit import AuditLog
+
+log = Logger()
 
 
 class SecretSource(TypingProtocol):
@@ -81,7 +91,7 @@ class IMISource:
     name = "ums"
     refreshable = True
 
-    def __init__(self, reactor: Any, base_url: str, device_id: str, user: str, password: str,
+    def __init__(self, reactor: SessionReactor, base_url: str, device_id: str, user: str, password: str,
                  trust: UMSTrust, timeout: float = 30.0) -> None:
         self._reactor = reactor
         self.base_url, self.device_id, self.user, self.trust = base_url, device_id, user, trust
@@ -101,9 +111,10 @@ class IMISource:
 class Shadowing:
     """A running shadowing. ``done`` fires with the final :class:`events.Closed` once
     sockets are closed, the listener released and the viewer reaped, or fails with a
-    :class:`SecShadowError`. :meth:`stop` ends it cleanly (``done`` then fires with a
-    ``Closed`` whose ``reason`` is the one given). ``session`` is the underlying
-    :class:`ShadowSession` once the secret is in hand (``None`` before)."""
+    :class:`SecShadowError`. :meth:`stop` ends it cleanly in any state, also while the
+    secret is being fetched (``done`` then fires with a ``Closed`` whose ``reason`` is
+    the one given). ``session`` is the underlying :class:`ShadowSession` once the secret
+    is in hand (``None`` before)."""
 
     def __init__(self) -> None:
         self.done: Deferred[events.Closed] = Deferred()
@@ -128,31 +139,36 @@ class Shadowing:
 
 
 def start_shadowing(
-    reactor: Any,
+    reactor: SessionReactor,
     source: SecretSource | ShadowSecret,
+    options: SessionOptions | None = None,
     *,
     on_event: events.EventSink = events.discard,
     viewer: ViewerLauncher | None = None,
-    device_host: str | None = None,
-    device_port: int | None = None,
-    **session_options: Any,
+    viewer_name: str | None = None,
+    viewer_endpoint: IStreamServerEndpoint | None = None,
+    dialer: DeviceDialer | None = None,
+    audit: AuditLog | None = None,
 ) -> Shadowing:
     """Start shadowing one device; returns a :class:`Shadowing` at once.
 
     ``source``: a :class:`SecretSource` or a :class:`ShadowSecret` (taken as a
-    :class:`StaticSecret`). ``device_host``/``device_port`` override the secret's
-    ``lastIP``/port (default port 5900). ``session_options``: any other
-    :class:`~secshadow.proxy.SessionOptions` field (``tls_profile``, ``listen``,
-    ``max_viewers``, timeouts in seconds, ...). ``viewer``: called with the listener's
-    (host, port) to launch a viewer, or ``None`` to connect your own.
-    Events: ``secret`` (each fetch), then the session's. Bad options fail ``done``
-    with :class:`UsageError`.
+    :class:`StaticSecret`). ``options``: :class:`~secshadow.options.SessionOptions`
+    (validated on construction; ``SessionOptions.from_mapping`` builds them from loose
+    values). ``viewer``: called with the listener's (host, port) to launch a viewer, or
+    ``None`` to connect your own; ``viewer_name`` names it in the audit record.
+    ``viewer_endpoint``: the viewer side (default: ``options.listen``; the browser bridge
+    is one). ``dialer``: the device side (default: TCP; the gateway's is one).
+    ``audit``: an :class:`~secshadow.audit.AuditLog` that gets one line for this
+    shadowing once its secret was fetched, however it ends.
+    Events: ``secret`` (each fetch), then the session's.
     """
+    options = options or SessionOptions()
     if isinstance(source, ShadowSecret):
         source = StaticSecret(source)
     handle = Shadowing()
-    if "device_host" in session_options or "device_port" in session_options:
-        raise UsageError("pass device_host/device_port as keyword arguments of start_shadowing")
+    record = _AuditTrail(reactor, source, options, viewer_name or ("custom" if viewer else "none"),
+                         getattr(dialer, "transport", "tcp"), audit)
 
     def announce(secret: ShadowSecret, host: str, port: int) -> ShadowSecret:
         on_event(events.SecretLoaded(source=source.name, device_host=host, device_port=port,
@@ -161,25 +177,19 @@ def start_shadowing(
 
     def begin(secret: ShadowSecret) -> Deferred[events.Closed]:
         handle.secret_fetch = None
-        host = device_host or secret.host
-        if not host:
-            raise UsageError("the secret names no device address (no lastIP/host): pass a device host")
-        port = device_port or secret.port or DEFAULT_DEVICE_PORT
-        try:
-            options = SessionOptions(device_host=host, device_port=port, **session_options)
-        except TypeError as e:
-            raise UsageError(f"unknown session option: {e}") from None
-        announce(secret, host, port)
-
-        def refresh() -> Deferred[ShadowSecret]:
-            return source.fetch().addCallback(announce, host, port)
-
         session = ShadowSession(reactor, secret, options, on_event=on_event, launch_viewer=viewer,
+                                viewer_endpoint=viewer_endpoint, dialer=dialer,
                                 refresh_secret=refresh if source.refreshable else None)
+        record.began(session, secret)
+        announce(secret, session.device_host, session.device_port)
         handle.session = session
         if handle.stop_reason is not None:
             session.stop(handle.stop_reason)
         return session.start()
+
+    def refresh() -> Deferred[ShadowSecret]:
+        assert handle.session is not None
+        return source.fetch().addCallback(announce, handle.session.device_host, handle.session.device_port)
 
     def interrupted(failure: Failure) -> Any:
         # Stopped while fetching: whatever the fetch reported, the caller stopped it.
@@ -192,5 +202,55 @@ def start_shadowing(
 
     fetching = source.fetch()
     handle.secret_fetch = fetching
-    fetching.addCallback(begin).addErrback(interrupted).chainDeferred(handle.done)
+    fetching.addCallback(begin).addErrback(interrupted).addBoth(record.ended).chainDeferred(handle.done)
     return handle
+
+
+class _AuditTrail:
+    """Collects one shadowing's audit record (PROTOCOL.md section 8) and writes it when
+    the shadowing ends, whatever ended it, once the secret was fetched."""
+
+    def __init__(self, reactor: SessionReactor, source: SecretSource, options: SessionOptions,
+                 viewer: str, transport: str, audit: AuditLog | None) -> None:
+        self._reactor, self._source, self._options = reactor, source, options
+        self._viewer, self._transport, self._audit = viewer, transport, audit
+        self._session: ShadowSession | None = None
+        self._secret: ShadowSecret | None = None
+        self._start = time.time()
+
+    def began(self, session: ShadowSession, secret: ShadowSecret) -> None:
+        self._session, self._secret = session, secret
+
+    def ended(self, result: Any) -> Any:
+        if self._audit is None or self._session is None or self._secret is None:
+            return result
+        if isinstance(result, Failure):
+            error = result.value
+            code = error.code if isinstance(error, SecShadowError) else "internal"
+            reason = error.message if isinstance(error, SecShadowError) else type(error).__name__
+        else:
+            code, reason = "ok", getattr(result, "reason", "")
+        from secshadow.audit import AuditRecord, now_iso
+
+        to_viewer, to_device = self._session.bytes_relayed
+        end = time.time()
+        try:
+            self._audit.write(AuditRecord(
+                start=now_iso(self._start), end=now_iso(end), duration_s=round(end - self._start, 3),
+                os_user=_os_user(), ums_user=getattr(self._source, "user", None),
+                device_id=getattr(self._source, "device_id", None) or self._secret.device_id,
+                device_host=self._session.device_host, device_port=self._session.device_port,
+                certificate_sha256=self._secret.certificate_sha256, transport=self._transport,
+                viewer=self._viewer, view_only=self._options.view_only, bytes_to_viewer=to_viewer,
+                bytes_to_device=to_device, result=code, reason=reason))
+        except (OSError, SecShadowError) as e:
+            # The session's own outcome stands; the lost record is said loudly.
+            log.error("could not write the audit record: {error}", error=str(e))
+        return result
+
+
+def _os_user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())

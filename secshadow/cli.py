@@ -17,7 +17,7 @@ import sys
 import traceback
 from typing import IO, Any, NoReturn, Sequence
 
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import (
     FilteringLogObserver,
@@ -29,24 +29,19 @@ from twisted.logger import (
 )
 from zope.interface import provider
 
-from secshadow import events
+from secshadow import __version__, events
+from secshadow.api import IMISource, SecretSource, StaticSecret, start_shadowing
+from secshadow.hygiene import make_undumpable
 from secshadow.errors import SecretError, SecShadowError, UsageError, ViewerError
+from secshadow.observe import OneShot
+from secshadow.options import SessionOptions, count, port_number, seconds
 from secshadow.pinning import TLSProfile
 from secshadow.procy import TERMINATORS, terminator_bytes
-from secshadow.api import IMISource, SecretSource, StaticSecret, start_shadowing
-from secshadow.proxy import ViewerHandle
-from secshadow.secret import load_secret, parse_host
-from secshadow.viewers import (
-    VIEWERS,
-    launch,
-    resolve_viewer,
-    template_argv,
-    validate_template,
-    viewer_argv,
-)
+from secshadow.proxy import ViewerHandle, ViewerLauncher
+from secshadow.secret import load_secret
+from secshadow.viewers import VIEWERS, make_launcher, validate_template
 
 PROG = "secshadow-proxy"
-DEFAULT_DEVICE_PORT = 5900
 UMS_PASSWORD_ENV = "SECSHADOW_UMS_PASSWORD"  # noqa: S105 - a variable name
 
 
@@ -67,35 +62,26 @@ def _redact_unrecognized(message: str) -> str:
     return f"unrecognized arguments: {' '.join(shown)} (values not shown: they may hold a secret)"
 
 
-def _positive(name: str, allow_zero: bool = False) -> Any:
-    def parse(text: str) -> float:
+def _flag_type(check: Any, name: str, **kw: Any) -> Any:
+    """An argparse type from one of :mod:`secshadow.options`' validators, so flags,
+    control mode and the API share one check and one message."""
+    def parse(text: str) -> Any:
         try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number of seconds") from None
-        if value < 0 or (value == 0 and not allow_zero) or value != value or value == float("inf"):
-            raise argparse.ArgumentTypeError(
-                f"{name} must be {'zero or ' if allow_zero else ''}a positive number of seconds")
-        return value
+            return check(name, text, **kw)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(e.message) from None
     return parse
+
+
+def _positive(name: str, allow_zero: bool = False) -> Any:
+    return _flag_type(seconds, name, allow_zero=allow_zero)
 
 
 def _count(name: str) -> Any:
-    def parse(text: str) -> int:
-        if not text.isdigit() or not 1 <= int(text) <= 1000:
-            raise argparse.ArgumentTypeError(f"{name} must be a whole number from 1 to 1000")
-        return int(text)
-    return parse
+    return _flag_type(count, name)
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("--device-port must be a number from 1 to 65535") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError("--device-port must be a number from 1 to 65535")
-    return value
+_port = _flag_type(port_number, "--device-port")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--viewer-command", metavar="TEMPLATE",
                       help="custom viewer command with {host} {port} {display} {title}")
     view.add_argument("--view-only", action="store_true",
-                      help="ask the viewer for view-only mode (a viewer without one is refused)")
+                      help="view-only, enforced by the proxy: keyboard, pointer, clipboard and desktop-size "
+                           "messages never reach the device, whatever the viewer (the viewer is also "
+                           "asked for its own view-only mode where it has one)")
     view.add_argument("--full-screen", action="store_true", help="ask the viewer for full-screen mode")
     view.add_argument("--snapshot", metavar="FILE",
                       help="instead of a viewer, save one full frame through the tunnel as PNG and exit")
@@ -151,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--control", choices=["stdio"],
                         help="long-running mode: JSON-lines requests on stdin open and close many sessions "
                              "(see docs/cli.md, Control mode)")
+    parser.add_argument("--audit", metavar="FILE",
+                        help="append one JSON line per session to FILE (created with mode 0600; docs/cli.md)")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages on standard error")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on standard error")
     return parser
@@ -290,11 +281,6 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if args.max_viewers > 1 and not from_ums:
         raise UsageError("--max-viewers above 1 needs --ums: the one-time password of a --secret-file "
                          "works once, and every further viewer needs a fresh one from the UMS")
-    if args.listen.startswith("tcp6:"):
-        raise UsageError("--listen: IPv6 listeners are not supported (viewers misread '::1' in host::port); "
-                         "use tcp:0:interface=127.0.0.1")
-    if args.device_host is not None:
-        parse_host(args.device_host, "--device-host")
 
 
 def _secret_source(reactor: Any, args: argparse.Namespace, output: Output, stdin: IO[bytes]) -> SecretSource:
@@ -323,32 +309,41 @@ def _imi_access(args: argparse.Namespace, output: Output) -> tuple[str, Any]:
     from secshadow.umstrust import UMSTrust
 
     password = _read_ums_password(args)
+    trust = UMSTrust.from_flags(args.ums_ca, args.ums_fingerprint, args.ums_insecure)
     if args.ums_insecure:
-        trust = UMSTrust.insecure()
         output.event(events.WarningEvent(
             message="--ums-insecure: the UMS certificate is NOT verified; anyone on the path can read "
                     "the device password and substitute the device certificate"))
-    elif args.ums_fingerprint:
-        trust = UMSTrust.from_fingerprint(args.ums_fingerprint)
-    elif args.ums_ca:
-        trust = UMSTrust.from_ca_file(args.ums_ca)
-    else:
-        trust = UMSTrust.system()
     return password, trust
 
 
-def session_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`SessionOptions` fields the flags set (device host/port aside)."""
-    return {
-        "tls_profile": TLSProfile.parse(args.tls_profile),
-        "terminator": terminator_bytes(args.procy_terminator),
-        "listen": args.listen,
-        "connect_timeout": args.connect_timeout,
-        "viewer_timeout": args.viewer_timeout,
-        "hello_timeout": args.hello_timeout,
-        "idle_timeout": args.idle_timeout,
-        "max_viewers": args.max_viewers,
-    }
+def _audit_log(args: argparse.Namespace) -> Any:
+    """``--audit FILE`` opened now (bad paths fail before a password is fetched)."""
+    if not args.audit:
+        return None
+    from secshadow.audit import AuditLog
+
+    return AuditLog(args.audit)
+
+
+def _viewer_name(args: argparse.Namespace) -> str:
+    """The viewer's name for the audit record."""
+    if args.snapshot:
+        return "snapshot"
+    if args.viewer_command:
+        return "custom"
+    return str(args.viewer)
+
+
+def session_options(args: argparse.Namespace) -> SessionOptions:
+    """The :class:`SessionOptions` the flags ask for."""
+    return SessionOptions(
+        device_host=args.device_host, device_port=args.device_port,
+        tls_profile=TLSProfile.parse(args.tls_profile), terminator=terminator_bytes(args.procy_terminator),
+        listen=args.listen, connect_timeout=args.connect_timeout, viewer_timeout=args.viewer_timeout,
+        hello_timeout=args.hello_timeout, idle_timeout=args.idle_timeout, max_viewers=args.max_viewers,
+        view_only=args.view_only,
+    )
 
 
 class SnapshotViewer:
@@ -362,60 +357,36 @@ class SnapshotViewer:
 
         self.error: BaseException | None = None
         self.size: tuple[int, int] | None = None
-        self._waiters: list[Deferred[int | None]] = []
-        self._status: int | None = None
-        self._ended = False
+        self._ended: OneShot[int | None] = OneShot()
         self._running = take_snapshot(reactor, host, port, path, timeout=timeout)
         self._running.addCallbacks(self._ok, self._failed)
 
     def _ok(self, size: tuple[int, int]) -> None:
         self.size = size
-        self._end(0)
+        self._ended.fire(0)
 
     def _failed(self, failure: Any) -> None:
         self.error = failure.value
-        self._end(1)
-
-    def _end(self, status: int) -> None:
-        self._ended, self._status = True, status
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(status)
+        self._ended.fire(1)
 
     def wait(self) -> Deferred[int | None]:
-        if self._ended:
-            return succeed(self._status)
-        waiter: Deferred[int | None] = Deferred()
-        self._waiters.append(waiter)
-        return waiter
+        return self._ended.when_done()
 
     def terminate(self, grace: float = 0) -> Deferred[None]:
-        if not self._ended:
+        if not self._ended.done:
             self._running.cancel()
         return self.wait().addCallback(lambda _: None)
 
 
-def _make_launcher(reactor: Any, args: argparse.Namespace, holder: dict[str, Any]) -> Any:
+def _make_launcher(reactor: Any, args: argparse.Namespace, holder: dict[str, Any]) -> ViewerLauncher | None:
     if args.snapshot:
         def snapshot(host: str, port: int) -> ViewerHandle:
             viewer = SnapshotViewer(reactor, host, port, args.snapshot, timeout=args.hello_timeout + 30)
             holder["snapshot"] = viewer
             return viewer
         return snapshot
-    if args.viewer_command:
-        def custom(host: str, port: int) -> ViewerHandle:
-            title = holder.get("title", "secshadow")
-            return launch(reactor, "custom", template_argv(args.viewer_command, host, port, title))
-        return custom
-    if args.viewer == "none":
-        return None
-    spec = resolve_viewer(args.viewer, view_only=args.view_only)
-
-    def known(host: str, port: int) -> ViewerHandle:
-        return launch(reactor, spec.name, viewer_argv(
-            spec, host, port, view_only=args.view_only, full_screen=args.full_screen,
-            title=holder.get("title", "secshadow")))
-    return known
+    return make_launcher(reactor, args.viewer, command=args.viewer_command, view_only=args.view_only,
+                         full_screen=args.full_screen, title=lambda: holder.get("title", "secshadow"))
 
 
 async def run(reactor: Any, argv: Sequence[str], stdin: IO[bytes], stdout: IO[str], stderr: IO[str],
@@ -463,8 +434,8 @@ async def _run_checked(reactor: Any, args: argparse.Namespace, output: Output, s
         serverFromString(reactor, args.listen)
     except Exception as e:  # noqa: BLE001 - parsers raise anything (ssl: reads files); all mean "bad flag"
         raise UsageError(f"--listen {args.listen!r} is not a server endpoint: {e}") from None
-    if args.view_only and args.viewer_command:
-        output.warn("--view-only has no effect with --viewer-command: put the viewer's own flag in the template")
+    options = session_options(args)
+    audit = _audit_log(args)
 
     def on_event(event: events.Event) -> None:
         if isinstance(event, events.SecretLoaded):
@@ -474,17 +445,20 @@ async def _run_checked(reactor: Any, args: argparse.Namespace, output: Output, s
     source = _secret_source(reactor, args, output, stdin)
     if args.viewer == "none" and not args.snapshot and not args.viewer_command:
         output.say("--viewer none: connect your viewer to the port in the 'listening' event")
-    shadowing = start_shadowing(reactor, source, on_event=on_event, viewer=launcher,
-                                device_host=args.device_host, device_port=args.device_port,
-                                **session_options(args))
+    shadowing = start_shadowing(reactor, source, options, on_event=on_event, viewer=launcher,
+                                viewer_name=_viewer_name(args), audit=audit)
     stopping["shadowing"] = shadowing
     if stopping["reason"]:
         shadowing.stop(stopping["reason"])
-    await shadowing.done
+    try:
+        await shadowing.done
+    finally:
+        if audit is not None:
+            audit.close()
     snapshot: SnapshotViewer | None = holder.get("snapshot")
     if snapshot is not None and stopping["reason"] is None:
         if snapshot.error is not None:
-            raise ViewerError(f"--snapshot failed: {snapshot.error}")
+            raise ViewerError(f"--snapshot failed: {snapshot.error or type(snapshot.error).__name__}")
         if snapshot.size is None:
             raise ViewerError("--snapshot: the session ended before a full frame arrived")
         output.say(f"saved a {snapshot.size[0]}x{snapshot.size[1]} snapshot to {args.snapshot}")
@@ -517,14 +491,16 @@ async def _run_control(reactor: Any, args: argparse.Namespace, output: Output, i
             return IMISource(reactor, args.ums, device, args.ums_user, password, trust)
 
     defaults = session_options(args)
+    audit = _audit_log(args)
     controller, close = serve_stdio(
-        reactor, lambda write: Controller(reactor, write, output.say, defaults, ums,
-                                          device_host=args.device_host, device_port=args.device_port))
+        reactor, lambda write: Controller(reactor, write, output.say, defaults, ums, audit=audit))
     if install_signals:
         _install_signals(reactor, controller.shutdown)
     output.say("control mode: reading JSON requests on standard input")
     await controller.finished
     await close()
+    if audit is not None:
+        audit.close()
     return 0
 
 
@@ -533,6 +509,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     from twisted.internet import task
 
     arguments = sys.argv[1:] if argv is None else list(argv)
+    if not make_undumpable():
+        # Before any secret is read: no core file, no same-user ptrace of this process.
+        sys.stderr.write(f"{PROG}: warning: could not disable core dumps for this process; a crash could "
+                         "write the passwords it holds to a core file\n")
 
     def go(reactor: Any) -> Deferred[int]:
         return ensureDeferred(run(reactor, arguments, sys.stdin.buffer, sys.stdout, sys.stderr))

@@ -22,56 +22,72 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.stdio import StandardIO
-from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from secshadow import events
 from secshadow.api import IMISource, SecretSource, Shadowing, StaticSecret, start_shadowing
 from secshadow.errors import SecShadowError, UsageError
-from secshadow.pinning import TLSProfile
-from secshadow.procy import terminator_bytes
-from secshadow.secret import parse_host, secret_from_document
-from secshadow.viewers import launch, resolve_viewer, template_argv, viewer_argv
+from secshadow.options import SessionOptions
+from secshadow.secret import secret_from_document
+from secshadow.viewers import make_launcher
+
+if TYPE_CHECKING:
+    from secshadow.audit import AuditLog
 
 #: A console's session id: short, printable, safe in logs.
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 #: Longest request line accepted (a secret with a PEM certificate is a few KiB).
 MAX_REQUEST_BYTES = 256 * 1024
 
-_OPTION_FIELDS: dict[str, Callable[[Any], Any]] = {
-    "tls_profile": lambda v: TLSProfile.parse(str(v)),
-    "procy_terminator": lambda v: terminator_bytes(str(v)),
-    "listen": str,
-    "connect_timeout": float,
-    "viewer_timeout": float,
-    "hello_timeout": float,
-    "idle_timeout": float,
-    "max_viewers": int,
-}
+#: Request keys that are session options (SessionOptions.from_mapping checks them).
+_OPTION_KEYS = ("tls_profile", "procy_terminator", "listen", "connect_timeout", "viewer_timeout",
+                "hello_timeout", "idle_timeout", "max_viewers", "view_only", "device_host", "device_port")
+
+#: Every key an ``open`` request may carry.
+_OPEN_KEYS = frozenset({"op", "session", "device", "secret", "viewer", "viewer_command", "full_screen",
+                        *_OPTION_KEYS})
 
 
 @implementer(IHalfCloseableProtocol)
-class _Requests(LineOnlyReceiver):
-    """Reads requests from standard input. End of input means shutdown, but standard
-    output stays open (half-close) until every session reported its end."""
-
-    delimiter = b"\n"
-    MAX_LENGTH = MAX_REQUEST_BYTES
+class _Requests(Protocol):
+    """Reads JSON-lines requests from standard input. A line over
+    :data:`MAX_REQUEST_BYTES` gets one error and is discarded up to its newline; the
+    lines after it are served. End of input means shutdown, but standard output stays
+    open (half-close) until every session reported its end."""
 
     def __init__(self, controller: Controller) -> None:
         self.controller = controller
         self.closed: Deferred[None] = Deferred()
+        self._buffer = b""
+        self._discarding = False
 
-    def lineReceived(self, line: bytes) -> None:
-        self.controller.request(line)
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while True:
+            line, newline, rest = self._buffer.partition(b"\n")
+            if not newline:
+                break
+            self._buffer = rest
+            if self._discarding:
+                self._discarding = False  # the over-long line ends here
+            elif len(line) > MAX_REQUEST_BYTES:
+                self._too_long()
+            else:
+                self.controller.request(line.rstrip(b"\r"))
+        if len(self._buffer) > MAX_REQUEST_BYTES:
+            self._buffer = b""
+            if not self._discarding:
+                self._discarding = True
+                self._too_long()
 
-    def lineLengthExceeded(self, line: bytes) -> None:
+    def _too_long(self) -> None:
         self.controller.reply_error(None, UsageError(f"request longer than {MAX_REQUEST_BYTES} bytes; ignored"))
 
     def readConnectionLost(self) -> None:
@@ -93,14 +109,14 @@ class Controller:
     (``None`` without ``--ums``). :attr:`finished` fires once shutdown completed."""
 
     def __init__(self, reactor: Any, write_line: Callable[[str], None], say: Callable[[str], None],
-                 defaults: dict[str, Any], ums: Callable[[str], IMISource] | None,
-                 device_host: str | None = None, device_port: int | None = None) -> None:
+                 defaults: SessionOptions, ums: Callable[[str], IMISource] | None,
+                 audit: AuditLog | None = None) -> None:
         self._reactor = reactor
         self._write_line = write_line
         self._say = say
         self._defaults = defaults
         self._ums = ums
-        self._device_host, self._device_port = device_host, device_port
+        self._audit = audit
         self.sessions: dict[str, Shadowing] = {}
         self._listening: dict[str, dict[str, Any]] = {}
         self.finished: Deferred[None] = Deferred()
@@ -116,9 +132,17 @@ class Controller:
 
     # ------------------------------------------------------------ requests
     def request(self, line: bytes) -> None:
+        """Serve one request line; any error becomes one ``error`` event and the
+        daemon goes on (a bad line never ends the other sessions)."""
+        try:
+            self._request(line)
+        except Exception as e:  # noqa: BLE001 - one bad request must not stop the daemon
+            self.reply_error(None, SecShadowError(f"internal error serving a request: {type(e).__name__}"))
+
+    def _request(self, line: bytes) -> None:
         try:
             request = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             self.reply_error(None, UsageError("a request must be one JSON object per line"))
             return
         if not isinstance(request, dict):
@@ -153,22 +177,12 @@ class Controller:
             raise UsageError("'session' must be 1 to 64 characters from letters, digits and . _ : -")
         if session in self.sessions:
             raise UsageError(f"session {session!r} is already open")
+        unknown = sorted(set(request) - _OPEN_KEYS)
+        if unknown:
+            raise UsageError(f"unknown session option(s): {', '.join(map(str, unknown))}")
+        options = SessionOptions.from_mapping({k: request[k] for k in _OPTION_KEYS if k in request},
+                                              base=self._defaults)
         source = self._source(request)
-        options = dict(self._defaults)
-        for key, convert in _OPTION_FIELDS.items():
-            if key in request:
-                try:
-                    options[key] = convert(request[key])
-                except (TypeError, ValueError):
-                    raise UsageError(f"bad value for {key!r}") from None
-        if "procy_terminator" in options:
-            options["terminator"] = options.pop("procy_terminator")
-        host = request.get("device_host", self._device_host)
-        if host is not None:
-            host = parse_host(host, "'device_host'")
-        port = request.get("device_port", self._device_port)
-        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
-            raise UsageError("'device_port' must be a number from 1 to 65535")
         viewer = self._viewer(request)
 
         def on_event(event: events.Event) -> None:
@@ -177,8 +191,10 @@ class Controller:
                 self._listening[session] = {"host": event.host, "port": event.port}
             self._send(payload)
 
-        shadowing = start_shadowing(self._reactor, source, on_event=on_event, viewer=viewer,
-                                    device_host=host, device_port=port, **options)
+        shadowing = start_shadowing(self._reactor, source, options, on_event=on_event, viewer=viewer,
+                                    viewer_name=str(request.get("viewer_command") and "custom"
+                                                    or request.get("viewer", "none")),
+                                    audit=self._audit)
         self.sessions[session] = shadowing
         self._say(f"[{session}] opened")
         shadowing.done.addErrback(self._failed, session).addBoth(self._ended, session)
@@ -198,20 +214,15 @@ class Controller:
     def _viewer(self, request: dict[str, Any]) -> Any:
         name = request.get("viewer", "none")
         command = request.get("viewer_command")
-        if command is not None:
-            if not isinstance(command, str):
-                raise UsageError("'viewer_command' must be a string")
-            template_argv(command, "127.0.0.1", 5900)  # validates now, not at launch
-            return lambda host, port: launch(self._reactor, "custom", template_argv(command, host, port))
-        if name == "none":
-            return None
+        if command is not None and not isinstance(command, str):
+            raise UsageError("'viewer_command' must be a string")
         if not isinstance(name, str):
             raise UsageError("'viewer' must be a viewer name")
-        view_only = bool(request.get("view_only", False))
-        full_screen = bool(request.get("full_screen", False))
-        spec = resolve_viewer(name, view_only=view_only)
-        return lambda host, port: launch(self._reactor, spec.name, viewer_argv(
-            spec, host, port, view_only=view_only, full_screen=full_screen))
+        full_screen = request.get("full_screen", False)
+        if not isinstance(full_screen, bool):
+            raise UsageError("'full_screen' must be true or false")
+        return make_launcher(self._reactor, name, command=command, view_only=request.get("view_only") is True,
+                             full_screen=full_screen)
 
     def _close(self, session: str) -> None:
         self.sessions[session].stop("closed by the console")

@@ -85,6 +85,11 @@ class SessionStarted(Event):
 
     name: ClassVar[str] = "session-started"
     rfb_version: str
+    #: True when the proxy enforces view-only; absent from the JSON otherwise.
+    view_only: bool | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().as_dict().items() if v is not None}
 
 
 @dataclass(frozen=True)

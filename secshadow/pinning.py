@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import hmac
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from OpenSSL import SSL, crypto
 from twisted.python.failure import Failure
@@ -88,20 +88,6 @@ _ALWAYS_OPTIONS = (
 )
 
 
-@dataclass
-class PinCheck:
-    """What the verify callback saw on one connection attempt.
-
-    ``presented_sha256``: fingerprint of the leaf the device presented (or ``None``
-    when it presented none); ``matched``: whether it equals the pin.
-    """
-
-    pinned_der: bytes
-    presented_sha256: str | None = None
-    matched: bool | None = None
-    depths_seen: list[int] = field(default_factory=list)
-
-
 def build_context(profile: TLSProfile) -> SSL.Context:
     """A fresh client context for ``profile`` (no verification set yet)."""
     settings = _SETTINGS[profile]
@@ -120,29 +106,29 @@ class PinnedConnectionCreator:
 
     ``pinned_der``: DER bytes of the one certificate to accept.
     ``profile``: :class:`TLSProfile`.
-    One creator serves one connection attempt; its :attr:`check` records what the
-    device presented, so a failed handshake can be reported as a pin mismatch
-    (exit 6) rather than a TLS failure (exit 5).
+    A mismatch fails the handshake inside OpenSSL's verify callback through the TLS
+    transport's ``failVerification`` with a :class:`PinMismatch`, which then becomes the
+    connection's loss reason (exit 6, not a TLS failure's exit 5).
     """
 
     def __init__(self, pinned_der: bytes, profile: TLSProfile = TLSProfile.MODERN) -> None:
         if not pinned_der:
             raise PinMismatch("no certificate to pin: refusing to connect without a pin")
         self.profile = profile
-        self.check = PinCheck(pinned_der=pinned_der)
+        self.pinned_der = pinned_der
 
     def _verify(
         self, connection: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
     ) -> bool:
         # OpenSSL's errno/ok (self-signed, expired, key too weak) are deliberately
         # ignored: the pin is the whole decision, and it is taken at the leaf only.
-        self.check.depths_seen.append(depth)
         if depth != 0:
             return True
         der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
-        self.check.presented_sha256 = certificate_fingerprint(der)
-        self.check.matched = hmac.compare_digest(der, self.check.pinned_der)
-        return self.check.matched
+        if hmac.compare_digest(der, self.pinned_der):
+            return True
+        connection.get_app_data().failVerification(Failure(pin_mismatch_error(der, self.pinned_der)))
+        return False
 
     def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         context = build_context(self.profile)
@@ -169,11 +155,11 @@ def check_peer(connection: SSL.Connection, pinned_der: bytes) -> None:
         )
 
 
-def pin_mismatch_error(check: PinCheck) -> PinMismatch:
+def pin_mismatch_error(presented_der: bytes, pinned_der: bytes) -> PinMismatch:
     """The error for a handshake the pin refused (exit 6)."""
     return PinMismatch(
         "the device presented a certificate that is not the pinned one "
-        f"(presented SHA-256 {check.presented_sha256}, pinned {certificate_fingerprint(check.pinned_der)}); "
+        f"(presented SHA-256 {certificate_fingerprint(presented_der)}, pinned {certificate_fingerprint(pinned_der)}); "
         "not one byte was sent to it. If the device was re-imaged, its certificate changed: "
         "send settings to it or reboot it so the UMS learns the new one"
     )

@@ -15,7 +15,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet.interfaces import IPushProducer, IReactorTime, ITransport
+from twisted.internet.interfaces import IPushProducer, ITransport
+
+from secshadow.reactor import Clock
+
+#: Rewrites the bytes of one direction before they are written (the view-only filter).
+Transform = Callable[[bytes], bytes]
 
 
 def push_producer_of(transport: ITransport) -> IPushProducer:
@@ -40,16 +45,24 @@ class Splice:
     TLS transports are). ``clock``: for :attr:`last_activity` (seconds, reactor time).
     ``on_closed``: called once, with the side name that closed first (``"left"`` or
     ``"right"``), after the other side was told to close.
+    ``left_to_right`` / ``right_to_left``: optional transforms of each direction's bytes
+    (the view-only filter); byte counts are of what was forwarded, after the transform.
+    A transform that raises stops the relay: the exception propagates to the caller of
+    :meth:`deliver`, which closes the session.
     """
 
     def __init__(
         self,
         left: ITransport,
         right: ITransport,
-        clock: IReactorTime,
+        clock: Clock,
         on_closed: Callable[[str], None] | None = None,
+        left_to_right: Transform | None = None,
+        right_to_left: Transform | None = None,
     ) -> None:
         self._transports = {"left": left, "right": right}
+        self._left_to_right = left_to_right
+        self._right_to_left = right_to_left
         self._clock = clock
         self._on_closed = on_closed
         self.bytes_left_to_right = 0
@@ -74,9 +87,13 @@ class Splice:
         if self.closed_by is not None:
             return
         if side == "left":
+            if self._left_to_right is not None:
+                data = self._left_to_right(data)
             self.bytes_left_to_right += len(data)
             self._transports["right"].write(data)
         else:
+            if self._right_to_left is not None:
+                data = self._right_to_left(data)
             self.bytes_right_to_left += len(data)
             self._transports["left"].write(data)
         self.last_activity = self._clock.seconds()
@@ -85,17 +102,24 @@ class Splice:
         """``side`` lost its connection: close the other side (once)."""
         if self.closed_by is not None:
             return
-        self.closed_by = side
+        self.stop(side)
         other = self._transports["right" if side == "left" else "left"]
+        other.loseConnection()
+        if self._on_closed is not None:
+            self._on_closed(side)
+
+    def stop(self, by: str = "stopped") -> None:
+        """Stop relaying (further bytes are dropped) and unregister the producers; the
+        owner closes the transports."""
+        if self.closed_by is not None:
+            return
+        self.closed_by = by
         if self._started:
             for transport in self._transports.values():
                 try:
                     transport.unregisterProducer()  # type: ignore[attr-defined]
                 except (AttributeError, RuntimeError):
                     pass
-        other.loseConnection()
-        if self._on_closed is not None:
-            self._on_closed(side)
 
     def close(self) -> None:
         """Close both sides now (timeouts, signals)."""

@@ -1,21 +1,28 @@
 """The pinned TLS connection to the device (``docs/protocol.md`` section 2, steps 1-3).
 
-:func:`connect_pinned` opens TCP, runs the TLS handshake with
-:class:`~secshadow.pinning.PinnedConnectionCreator`, re-checks the pin after the
-handshake and fires with a :class:`DeviceLink`, or fails with exactly one of
-:class:`DeviceUnreachable` (exit 4), :class:`TLSHandshakeError` (exit 5) or
-:class:`PinMismatch` (exit 6). Nothing is written to the device here: the
-password goes out later, through :meth:`DeviceLink.send_command`.
+:func:`connect_pinned` opens a stream through any ``IStreamClientEndpoint`` (TCP to the
+device, or a gateway's WebSocket stream: *transports are endpoints*), runs the TLS
+handshake with :class:`~secshadow.pinning.PinnedConnectionCreator`, re-checks the pin
+after the handshake and fires with a :class:`DeviceLink`, or fails with exactly one of
+:class:`DeviceUnreachable` (exit 4), :class:`TLSHandshakeError` (exit 5),
+:class:`PinMismatch` (exit 6) or whatever the stream endpoint raised (a gateway's
+:class:`~secshadow.errors.GatewayError`, exit 9). Nothing is written to the device here:
+the password goes out later, through :meth:`DeviceLink.send_command`.
+
+:class:`DeviceDialer` is what a session holds: given the secret (the pin, the device's
+address) and the options, it yields a pinned link. :class:`PinnedDialer` dials over TCP
+or over any endpoint factory.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Callable, Protocol as TypingProtocol
 
 from OpenSSL import SSL
-from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet import defer, error as ierror
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -23,21 +30,16 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from secshadow.errors import DeviceUnreachable, PinMismatch, SecShadowError, TLSHandshakeError
-from secshadow.pinning import (
-    PinnedConnectionCreator,
-    TLSProfile,
-    check_peer,
-    describe_handshake_failure,
-    negotiated,
-    pin_mismatch_error,
-)
+from secshadow.observe import OneShot
+from secshadow.pinning import TLSProfile, check_peer, describe_handshake_failure, negotiated
+from secshadow.pinning import PinnedConnectionCreator
 
 log = Logger()
 _CONNECTION_DONE = Failure(ierror.ConnectionDone())
 
 
 class DeviceListener(TypingProtocol):
-    """What a :class:`DeviceLink` reports to once the session owns it."""
+    """What a :class:`DeviceLink` reports to once a bridge owns it."""
 
     def device_data(self, link: DeviceLink, data: bytes) -> None: ...
 
@@ -48,21 +50,22 @@ class DeviceListener(TypingProtocol):
 class DeviceLink(Protocol):
     """The application side of the TLS connection to the device.
 
+    ``pinned_der``: the DER certificate this link must be talking to.
     ``ready``: a Deferred firing with this link once the handshake completed and the
     pin was re-checked, or failing with the mapped error. :meth:`when_lost`: a
     Deferred that fires when the connection is gone, whatever the reason.
     ``tls_version`` / ``cipher``: what was negotiated (set when ready).
     Bytes that arrive before a listener is attached are kept (at most
-    :attr:`MAX_EARLY_BYTES`) and handed over on :meth:`attach`.
+    :attr:`MAX_EARLY_BYTES`; beyond that the device misbehaves and is dropped, logged once).
     """
 
     MAX_EARLY_BYTES = 4096
 
-    def __init__(self, creator: PinnedConnectionCreator) -> None:
-        self._creator = creator
+    def __init__(self, pinned_der: bytes, profile: TLSProfile = TLSProfile.MODERN) -> None:
+        self.pinned_der = pinned_der
+        self.profile = profile
         self.ready: Deferred[DeviceLink] | None = Deferred()
-        self._lost_waiters: list[Deferred[None]] = []
-        self.is_lost = False
+        self._lost: OneShot[None] = OneShot()
         self.connected_ = False
         self.tls_version = ""
         self.cipher = ""
@@ -82,7 +85,7 @@ class DeviceLink(Protocol):
     def handshakeCompleted(self) -> None:
         connection: SSL.Connection = self._tls.getHandle()
         try:
-            check_peer(connection, self._creator.check.pinned_der)
+            check_peer(connection, self.pinned_der)
         except PinMismatch as e:
             self._fail_ready(e)
             self._tls.abortConnection()
@@ -97,10 +100,13 @@ class DeviceLink(Protocol):
         if self._listener is not None:
             self._listener.device_data(self, data)
             return
+        if self._early is None:
+            return  # already dropped for flooding; the abort is under way
         self._early += data
         if len(self._early) > self.MAX_EARLY_BYTES:
-            log.warn("device sent {n} bytes before PROCYCMD; closing", n=len(self._early))
-            self._early = b""
+            # Said once: a flooding device must not flood the log too.
+            log.warn("the device sent {n} bytes before PROCYCMD; closing it", n=len(self._early))
+            self._early = None  # type: ignore[assignment]
             self._tls.abortConnection()
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:  # type: ignore[override]
@@ -109,29 +115,26 @@ class DeviceLink(Protocol):
             self._fail_ready(self._handshake_error(reason))
         elif self._listener is not None:
             self._listener.device_lost(self, reason)
-        self.is_lost = True
-        waiters, self._lost_waiters = self._lost_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
+        self._lost.fire(None)
 
     # -- for the session ---------------------------------------------------
+    @property
+    def is_lost(self) -> bool:
+        return self._lost.done
+
     @property
     def alive(self) -> bool:
         return self.connected_ and self.ready is None
 
     def when_lost(self) -> Deferred[None]:
         """A Deferred firing (with ``None``) once the connection is closed."""
-        if self.is_lost:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._lost_waiters.append(waiter)
-        return waiter
+        return self._lost.when_done()
 
-    def attach(self, listener: DeviceListener) -> None:
+    def attach(self, listener: DeviceListener | None) -> None:
         """Route further device bytes to ``listener``; replays bytes kept so far."""
         self._listener = listener
-        early, self._early = self._early, b""
-        if early:
+        early, self._early = self._early or b"", b""
+        if early and listener is not None:
             listener.device_data(self, early)
 
     def send_command(self, command: bytes) -> None:
@@ -141,7 +144,7 @@ class DeviceLink(Protocol):
         """
         connection: SSL.Connection = self._tls.getHandle()
         try:
-            check_peer(connection, self._creator.check.pinned_der)
+            check_peer(connection, self.pinned_der)
         except PinMismatch:
             self._tls.abortConnection()
             raise
@@ -162,16 +165,15 @@ class DeviceLink(Protocol):
             ready.errback(error)
 
     def _handshake_error(self, reason: Failure) -> SecShadowError:
-        check = self._creator.check
-        if check.matched is False:
-            return pin_mismatch_error(check)
+        if isinstance(reason.value, SecShadowError):
+            return reason.value  # the pin refused the handshake (failVerification)
         if reason.check(SSL.Error):
-            return describe_handshake_failure(reason, self._creator.profile)
+            return describe_handshake_failure(reason, self.profile)
         if reason.check(CancelledError, ierror.ConnectionAborted):
             return TLSHandshakeError("the TLS handshake with the device timed out or was cancelled")
         hint = (
             " The device may run old firmware: try --tls-profile legacy for this device."
-            if self._creator.profile is TLSProfile.MODERN
+            if self.profile is TLSProfile.MODERN
             else ""
         )
         return TLSHandshakeError(
@@ -180,7 +182,43 @@ class DeviceLink(Protocol):
         )
 
 
+#: Makes the stream endpoint for (host, port, timeout in seconds): TCP by default.
 EndpointFactory = Callable[[str, int, float], IStreamClientEndpoint]
+
+
+def tcp_endpoint(reactor: Any) -> EndpointFactory:
+    """TCP to the device: a plain TCP endpoint for IP literals (no resolver round
+    trip), ``HostnameEndpoint`` for names."""
+
+    def make(host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return HostnameEndpoint(reactor, host, port, timeout=timeout)
+        if address.version == 6:
+            return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+
+    return make
+
+
+def _deadline_error(stage: str, host: str, port: int, timeout: float) -> SecShadowError:
+    """The one mapping of "the --connect-timeout ran out" to the contract's errors."""
+    if stage == "tls":
+        return TLSHandshakeError(f"the TLS handshake with {host}:{port} did not finish within {timeout:g} s")
+    return DeviceUnreachable(f"could not connect to the device at {host}:{port} within {timeout:g} s")
+
+
+def _connect_error(failure: Failure, host: str, port: int) -> Failure:
+    """Map a failed stream connect to the contract's errors (a SecShadowError passes)."""
+    where = f"{host}:{port}"
+    if failure.check(SecShadowError, CancelledError):
+        return failure
+    if failure.check(ierror.DNSLookupError):
+        return Failure(DeviceUnreachable(f"cannot resolve the device host {host!r}"))
+    if failure.check(ierror.ConnectError):
+        return Failure(DeviceUnreachable(f"cannot connect to the device at {where}: {failure.getErrorMessage()}"))
+    return failure
 
 
 def connect_pinned(
@@ -192,71 +230,73 @@ def connect_pinned(
     timeout: float = 15.0,
     endpoint_factory: EndpointFactory | None = None,
 ) -> Deferred[DeviceLink]:
-    """Connect to ``host:port``, handshake, pin. ``timeout`` (seconds) covers TCP and TLS.
+    """Connect to ``host:port``, handshake, pin. ``timeout`` (seconds) covers the stream
+    connect and TLS together.
 
     Returns a Deferred firing with a ready :class:`DeviceLink`; it fails with
-    :class:`DeviceUnreachable`, :class:`TLSHandshakeError` or :class:`PinMismatch`.
-    Cancelling it aborts the attempt.
+    :class:`DeviceUnreachable`, :class:`TLSHandshakeError`, :class:`PinMismatch` or the
+    stream endpoint's own :class:`SecShadowError`. Cancelling it aborts the attempt at
+    any stage and fails it with ``CancelledError``.
     """
     creator = PinnedConnectionCreator(pinned_der, profile)
-    tcp: IStreamClientEndpoint
-    if endpoint_factory is None:
-        tcp = HostnameEndpoint(reactor, host, port, timeout=timeout)
-    else:
-        tcp = endpoint_factory(host, port, timeout)
-    endpoint = wrapClientTLS(creator, tcp)
+    stream = (endpoint_factory or tcp_endpoint(reactor))(host, port, timeout)
+    endpoint = wrapClientTLS(creator, stream)
     links: list[DeviceLink] = []
+    stage = ["tcp"]
 
     def build() -> DeviceLink:
-        link = DeviceLink(creator)
+        link = DeviceLink(pinned_der, profile)
         links.append(link)
         return link
 
-    stage = {"name": "tcp"}
     connecting = endpoint.connect(Factory.forProtocol(build))  # type: ignore[arg-type]
 
-    def cancel(result: Deferred[DeviceLink]) -> None:
-        if stage["name"] == "tcp":
-            connecting.cancel()
+    def cancel(_: Deferred[DeviceLink]) -> None:
+        connecting.cancel()
         for link in links:
             link.abort()
 
     result: Deferred[DeviceLink] = Deferred(cancel)
 
-    def on_tcp(link: DeviceLink) -> Deferred[DeviceLink]:
-        stage["name"] = "tls"
+    def on_stream(link: DeviceLink) -> Deferred[DeviceLink]:
+        stage[0] = "tls"
         assert link.ready is not None
         return link.ready
 
-    def on_tcp_error(failure: Failure) -> Failure:
-        if failure.check(SecShadowError):
-            return failure
-        where = f"{host}:{port}"
-        if failure.check(CancelledError):
-            if stage["name"] == "tls":
-                return Failure(TLSHandshakeError(f"the TLS handshake with {where} did not finish within {timeout:g} s"))
-            return Failure(DeviceUnreachable(f"could not connect to the device at {where} within {timeout:g} s"))
-        if failure.check(ierror.ConnectingCancelledError):
-            return Failure(DeviceUnreachable(f"could not connect to the device at {where} within {timeout:g} s"))
-        if failure.check(ierror.DNSLookupError):
-            return Failure(DeviceUnreachable(f"cannot resolve the device host {host!r}"))
-        if failure.check(ierror.TimeoutError):
-            return Failure(DeviceUnreachable(f"connecting to the device at {where} timed out after {timeout:g} s"))
-        if failure.check(ierror.ConnectError):
-            return Failure(DeviceUnreachable(f"cannot connect to the device at {where}: {failure.getErrorMessage()}"))
-        return failure
-
-    connecting.addCallback(on_tcp).addErrback(on_tcp_error).chainDeferred(result)  # type: ignore[call-overload]
-    # One deadline for TCP and TLS together (--connect-timeout).
+    connecting.addCallback(on_stream).addErrback(_connect_error, host, port).chainDeferred(result)  # type: ignore[call-overload]
+    # One deadline for the stream and TLS together (--connect-timeout); addTimeout
+    # turns the cancellation it causes into defer.TimeoutError.
     result.addTimeout(timeout, reactor)  # type: ignore[arg-type]
 
-    def on_timeout(failure: Failure) -> Failure:
-        if failure.check(ierror.TimeoutError, CancelledError) and not failure.check(SecShadowError):
-            if stage["name"] == "tls":
-                return Failure(TLSHandshakeError(
-                    f"the TLS handshake with {host}:{port} did not finish within {timeout:g} s"))
-            return Failure(DeviceUnreachable(f"could not connect to the device at {host}:{port} within {timeout:g} s"))
+    def on_deadline(failure: Failure) -> Failure:
+        if failure.check(defer.TimeoutError):
+            return Failure(_deadline_error(stage[0], host, port, timeout))
         return failure
 
-    result.addErrback(on_timeout)
-    return result
+    return result.addErrback(on_deadline)
+
+
+class DeviceDialer(TypingProtocol):
+    """Opens a pinned link to the device a secret names (reconnects call it again).
+
+    ``pinned_der`` (the pin), ``host``/``port``, ``profile`` and ``timeout`` (seconds)
+    come from the session; returns a Deferred as :func:`connect_pinned` does.
+    """
+
+    def __call__(self, pinned_der: bytes, host: str, port: int, profile: TLSProfile,
+                 timeout: float) -> Deferred[DeviceLink]: ...
+
+
+class PinnedDialer:
+    """A :class:`DeviceDialer` over ``endpoint_factory`` (TCP unless given another):
+    the gateway's console side passes its WebSocket stream here."""
+
+    def __init__(self, reactor: Any, endpoint_factory: EndpointFactory | None = None, transport: str = "tcp") -> None:
+        self._reactor = reactor
+        self._endpoint_factory = endpoint_factory
+        #: ``"tcp"`` or ``"gateway"``: the audit record's ``transport``.
+        self.transport = transport
+
+    def __call__(self, pinned_der: bytes, host: str, port: int, profile: TLSProfile,
+                 timeout: float) -> Deferred[DeviceLink]:
+        return connect_pinned(self._reactor, host, port, pinned_der, profile, timeout, self._endpoint_factory)

@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from secshadow.errors import UsageError, ViewerError
+from secshadow.observe import OneShot
 
 log = Logger()
 
@@ -453,11 +454,11 @@ def _looked_for(spec: ViewerSpec, family: str) -> str:
 def resolve_viewer(name: str, path: str | None = None, system: System | None = None,
                    view_only: bool = False) -> ViewerSpec:
     """The spec for ``--viewer NAME`` (``auto`` picks the first installed, and with
-    ``view_only`` the first installed that has a view-only mode).
+    ``view_only`` preferably one that has a view-only mode of its own).
 
     Raises :class:`UsageError` for an unknown name and :class:`ViewerError` when the
-    viewer (or, for ``auto``, any viewer) is not installed, or it has no view-only mode
-    although ``view_only`` was asked for.
+    viewer (or, for ``auto``, any viewer) is not installed. A viewer without a
+    view-only mode is fine with ``view_only``: the proxy enforces it (rfbfilter.py).
     """
     sysm = _system(path, system)
     family = sysm.family
@@ -475,8 +476,9 @@ def resolve_viewer(name: str, path: str | None = None, system: System | None = N
             return found.spec
         tried = ", ".join(c for c in AUTO_ORDER if VIEWERS[c].install_for(sysm.platform))
         if skipped:
-            raise ViewerError(f"--view-only: the installed viewers ({', '.join(skipped)}) have no view-only "
-                              f"mode; install TigerVNC or drop --view-only")
+            log.info("--viewer auto: using {viewer}, which has no view-only mode of its own; the proxy "
+                     "enforces view-only", viewer=skipped[0])
+            return VIEWERS[skipped[0]]
         raise ViewerError(f"no VNC viewer found (tried: {tried}); {INSTALL_HINTS[family]} or use --viewer none")
     spec = VIEWERS.get(name)
     if spec is None:
@@ -487,15 +489,7 @@ def resolve_viewer(name: str, path: str | None = None, system: System | None = N
                           f"(only {', '.join(PLATFORM_LABELS[p] for p in spec.platforms)})")
     if locate(spec, system=sysm) is None:
         raise ViewerError(f"viewer {name!r} is not installed (looked for {_looked_for(spec, family)})")
-    if view_only and not install.view_only:
-        raise ViewerError(_no_view_only(spec))
     return spec
-
-
-def _no_view_only(spec: ViewerSpec) -> str:
-    able = ", ".join(n for n, s in VIEWERS.items() if any(i.view_only for i in s.installs))
-    return (f"viewer {spec.name!r} has no view-only mode, so --view-only cannot be honoured; "
-            f"use one of {able}, or drop --view-only")
 
 
 def viewer_argv(spec: ViewerSpec, host: str, port: int, view_only: bool = False,
@@ -503,9 +497,9 @@ def viewer_argv(spec: ViewerSpec, host: str, port: int, view_only: bool = False,
                 system: System | None = None) -> list[str]:
     """Full argv (executable path first) to start ``spec`` on the tunnel at host:port.
 
-    ``view_only`` on a viewer without a view-only mode is an error (the user would get
-    a viewer that controls the device); ``full_screen`` where the viewer has no such
-    flag is logged and ignored."""
+    ``view_only`` adds the viewer's own view-only flag where it has one (the proxy
+    enforces view-only either way); ``full_screen`` where the viewer has no such flag
+    is logged and ignored."""
     _check_host(host)
     found = locate(spec, path, system)
     if found is None:
@@ -519,7 +513,7 @@ def install_argv(install: Install, spec: ViewerSpec, host: str, port: int, *, vi
     """The argv tail of one install (no detection: what the docs table shows)."""
     _check_host(host)
     if view_only and not install.view_only:
-        raise ViewerError(_no_view_only(spec))
+        view_only = False  # the proxy's filter enforces it; this viewer has no flag to add
     if full_screen and not install.full_screen:
         log.warn("viewer {viewer} has no full-screen flag; starting it windowed", viewer=spec.name)
         full_screen = False
@@ -574,6 +568,34 @@ def viewer_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+class _LineLogger:
+    """Logs a viewer's output line by line: a read may end mid-line, so the tail waits
+    for its newline (bounded: a line longer than MAX_LINE is logged in pieces)."""
+
+    MAX_LINE = 4096
+
+    def __init__(self, viewer: str) -> None:
+        self._viewer = viewer
+        self._partial = b""
+
+    def feed(self, data: bytes) -> None:
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        while len(self._partial) > self.MAX_LINE:
+            lines.append(self._partial[:self.MAX_LINE])
+            self._partial = self._partial[self.MAX_LINE:]
+        for line in lines:
+            self._log(line)
+
+    def flush(self) -> None:
+        partial, self._partial = self._partial, b""
+        self._log(partial)
+
+    def _log(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        if line.strip():
+            log.info("[{viewer}] {line}", viewer=self._viewer, line=line)
+
+
 class ViewerProcess(ProcessProtocol):
     """A launched viewer. :meth:`wait` fires with its exit status (``None`` if killed
     by a signal); :meth:`terminate` stops it (SIGTERM, SIGKILL after ``grace``
@@ -584,8 +606,8 @@ class ViewerProcess(ProcessProtocol):
         self._clock = clock
         self.pid: int | None = None
         self.exit_status: int | None = None
-        self.ended = False
-        self._waiters: list[Deferred[int | None]] = []
+        self._ended: OneShot[int | None] = OneShot()
+        self._output = _LineLogger(name)
         self._kill_call: IDelayedCall | None = None
         self.own_group = False
 
@@ -593,10 +615,12 @@ class ViewerProcess(ProcessProtocol):
         self.pid = self.transport.pid  # type: ignore[union-attr]
         self.transport.closeStdin()  # type: ignore[union-attr]
 
+    @property
+    def ended(self) -> bool:
+        return self._ended.done
+
     def outReceived(self, data: bytes) -> None:
-        for line in data.decode("utf-8", "replace").splitlines():
-            if line.strip():
-                log.info("[{viewer}] {line}", viewer=self.name, line=line)
+        self._output.feed(data)
 
     errReceived = outReceived
 
@@ -606,7 +630,7 @@ class ViewerProcess(ProcessProtocol):
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def processEnded(self, reason: Failure) -> None:
-        self.ended = True
+        self._output.flush()
         if reason.check(ProcessDone):
             self.exit_status = 0
         elif reason.check(ProcessTerminated):
@@ -614,16 +638,11 @@ class ViewerProcess(ProcessProtocol):
         if self._kill_call is not None and self._kill_call.active():
             self._kill_call.cancel()
         self._kill_call = None
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(self.exit_status)
+        self._ended.fire(self.exit_status)
 
     def wait(self) -> Deferred[int | None]:
-        if self.ended:
-            return succeed(self.exit_status)
-        waiter: Deferred[int | None] = Deferred()
-        self._waiters.append(waiter)
-        return waiter
+        """A Deferred firing with the exit status once the viewer has been reaped."""
+        return self._ended.when_done()
 
     def terminate(self, grace: float = TERMINATE_GRACE) -> Deferred[None]:
         if self.ended:
@@ -674,6 +693,25 @@ def launch(reactor: IReactorProcess, name: str, argv: Sequence[str],
         raise ViewerError(f"cannot start the viewer {executable!r}: {e.strerror}") from None
     log.debug("started viewer {viewer} (pid {pid}): {argv}", viewer=name, pid=process.pid, argv=" ".join(argv))
     return process
+
+
+def make_launcher(reactor: IReactorProcess, viewer: str, *, command: str | None = None, view_only: bool = False,
+                  full_screen: bool = False, title: Callable[[], str] = lambda: "secshadow",
+                  ) -> Callable[[str, int], ViewerProcess] | None:
+    """The one launcher factory (CLI and control mode): ``command`` (a template with
+    ``{host}`` ``{port}`` ``{display}`` ``{title}``) or a known ``viewer`` name
+    (``auto`` detects; ``none`` gives ``None``). Resolves and validates now, so a
+    missing viewer fails before a one-time password is spent; raises
+    :class:`UsageError` / :class:`ViewerError`. The result is called with the
+    listener's (host, port) and returns the launched :class:`ViewerProcess`."""
+    if command is not None:
+        validate_template(command)
+        return lambda host, port: launch(reactor, "custom", template_argv(command, host, port, title()))
+    if viewer == "none":
+        return None
+    spec = resolve_viewer(viewer, view_only=view_only)
+    return lambda host, port: launch(reactor, spec.name, viewer_argv(
+        spec, host, port, view_only=view_only, full_screen=full_screen, title=title()))
 
 
 def signal_name(status: int | None) -> str:

@@ -171,7 +171,7 @@ class DeviceConn:
         tls = self.tls
         assert tls is not None
         tls.use_certificate(x509.load_pem_x509_certificate(cert_pem))
-        tls.use_privatekey(serialization.load_pem_private_key(key_pem, None))
+        tls.use_privatekey(serialization.load_pem_private_key(key_pem, None))  # type: ignore[arg-type]
         tls.renegotiate()
         try:
             self._call(tls.do_handshake, timeout=timeout)
@@ -241,7 +241,7 @@ class ScriptedDevice:
             ctx.set_max_proto_version(self.max_version)
         ctx.set_cipher_list(self.ciphers)
         ctx.use_certificate(x509.load_pem_x509_certificate(cert_pem))
-        ctx.use_privatekey(serialization.load_pem_private_key(key_pem, None))
+        ctx.use_privatekey(serialization.load_pem_private_key(key_pem, None))  # type: ignore[arg-type]
         if self.chain_pem:
             ctx.add_extra_chain_cert(x509.load_pem_x509_certificate(self.chain_pem))
         return ctx

@@ -11,7 +11,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -82,7 +82,7 @@ def pinned_pair(pinned_der: bytes, server: ServerCreator, profile: TLSProfile = 
     errors: list[BaseException] = []
 
     def make_link() -> DeviceLink:
-        link = DeviceLink(creator)
+        link = DeviceLink(pinned_der, profile)
         assert link.ready is not None
         link.ready.addErrback(lambda f: errors.append(f.value))
         links.append(link)

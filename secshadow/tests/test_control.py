@@ -15,18 +15,37 @@ from typing import Any
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from secshadow.control import Controller
+from secshadow.control import MAX_REQUEST_BYTES, Controller, _Requests
+from secshadow.options import SessionOptions
 from secshadow.lab.harness import Lab, ManagedProcess, child_environment
 
 
 def _controller() -> tuple[Controller, list[dict[str, Any]]]:
     lines: list[dict[str, Any]] = []
     controller = Controller(MemoryReactorClock(), lambda text: lines.append(json.loads(text)),
-                            lambda text: None, {}, ums=None)
+                            lambda text: None, SessionOptions(), ums=None)
     return controller, lines
 
 
+_SECRET = '"secret": {"certificate": "x", "password": "p"}'
+
+
 @pytest.mark.parametrize("request_line, fragment", [
+    (b'{"op": "open", "session": "a", "viewer_timeout": -1, ' + _SECRET.encode() + b'}',
+     "--viewer-timeout must be a positive number of seconds"),
+    (b'{"op": "open", "session": "a", "hello_timeout": "nan", ' + _SECRET.encode() + b'}',
+     "--hello-timeout must be a positive number of seconds"),
+    (b'{"op": "open", "session": "a", "max_viewers": 1e999, ' + _SECRET.encode() + b'}',
+     "--max-viewers must be a whole number"),
+    (b'{"op": "open", "session": "a", "connect_timeout": 1' + b"0" * 400 + b', ' + _SECRET.encode() + b'}',
+     "--connect-timeout must be"),
+    (b'{"op": "open", "session": "a", "idle_timeout": true, ' + _SECRET.encode() + b'}',
+     "--idle-timeout must be a number"),
+    (b'{"op": "open", "session": "a", "listen": "tcp:0:interface=\\\\:\\\\:1", ' + _SECRET.encode() + b'}',
+     "IPv6 listeners are not supported"),
+    (b'{"op": "open", "session": "a", "frobnicate": 1, ' + _SECRET.encode() + b'}', "unknown session option"),
+    (b"[" * 100_000 + b"]" * 100_000, "one JSON object per line"),
+
     (b"not json", "one JSON object per line"),
     (b"[1, 2]", "must be a JSON object"),
     (b'{"op": "dance"}', "unknown op"),
@@ -40,6 +59,7 @@ def _controller() -> tuple[Controller, list[dict[str, Any]]]:
 def test_bad_requests_get_an_error_event_and_nothing_starts(request_line: bytes, fragment: str):
     controller, lines = _controller()
     controller.request(request_line)
+    assert controller.sessions == {}
     assert len(lines) == 1 and lines[0]["event"] == "error" and lines[0]["code"] == "usage"
     assert fragment in lines[0]["message"]
     assert controller.sessions == {}
@@ -160,3 +180,21 @@ def test_close_one_session_while_others_run(lab: Lab, tmp_path: Path):
     assert proxy.process.wait(timeout=20) == 0
     proxy.stop()
     assert {e["session"] for e in proxy.named("closed")} == {"keep", "drop"}
+
+
+def test_an_over_long_line_gets_one_error_and_the_next_lines_are_served():
+    controller, lines = _controller()
+    reader = _Requests(controller)
+    # One read holds the start of a huge line; later reads finish it and carry good requests.
+    reader.dataReceived(b'{"op": "list", "pad": "' + b"x" * (MAX_REQUEST_BYTES + 10))
+    reader.dataReceived(b"x" * (MAX_REQUEST_BYTES * 2))
+    reader.dataReceived(b'"}\n{"op": "list"}\n{"op": "dance"}\n')
+    assert [line["event"] for line in lines] == ["error", "sessions", "error"]
+    assert "longer than" in lines[0]["message"] and "unknown op" in lines[2]["message"]
+
+
+def test_an_over_long_line_inside_one_read_does_not_swallow_the_requests_after_it():
+    controller, lines = _controller()
+    reader = _Requests(controller)
+    reader.dataReceived(b"y" * (MAX_REQUEST_BYTES + 1) + b'\n{"op": "list"}\n{"op": "list"}\n')
+    assert [line["event"] for line in lines] == ["error", "sessions", "sessions"]

@@ -16,8 +16,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisc
 from secshadow import events
 from secshadow.lab import certs
 from secshadow.errors import DeviceRejected, DeviceUnreachable, TLSHandshakeError, ViewerError
-from secshadow.pinning import PinnedConnectionCreator
-from secshadow.proxy import SessionOptions, SessionState, ShadowSession
+from secshadow.options import SessionOptions
+from secshadow.proxy import SessionState, ShadowSession
 from secshadow.secret import OneTimePassword, ShadowSecret
 from secshadow.tests._tls import der_of
 from secshadow.tunnel import DeviceLink, connect_pinned
@@ -31,7 +31,7 @@ class FakeLink(DeviceLink):
     """A pinned link on a StringTransport; records what the session writes."""
 
     def __init__(self) -> None:
-        super().__init__(PinnedConnectionCreator(der_of(CERT)))
+        super().__init__(der_of(CERT))
         self.commands: list[bytes] = []
         transport = StringTransportWithDisconnection()
         transport.protocol = self
@@ -85,13 +85,13 @@ class Harness:
         self.launches: list[tuple[str, int]] = []
         self.session = ShadowSession(
             self.reactor, SECRET, SessionOptions(device_host="10.0.0.5", **options),
-            on_event=self.events.append, launch_viewer=self.launch, connector=self.connect,
-            refresh_secret=refresh,
+            on_event=self.events.append, launch_viewer=self.launch, dialer=self.connect,
+            refresh_secret=refresh, peer_check=None,
         )
         self.outcome: list[Any] = []
         self.session.start().addBoth(self.outcome.append)
 
-    def connect(self) -> Deferred[DeviceLink]:
+    def connect(self, *dial_args: Any) -> Deferred[DeviceLink]:
         link = FakeLink()
         self.links.append(link)
         return succeed(link)
@@ -256,7 +256,7 @@ def test_stop_closes_everything_and_reports_closed():
 def test_connect_failure_fails_the_session_before_listening():
     reactor = MemoryReactorClock()
     session = ShadowSession(reactor, SECRET, SessionOptions(device_host="10.0.0.5"),
-                            connector=lambda: fail(DeviceUnreachable("no route")))
+                            dialer=lambda *a: fail(DeviceUnreachable("no route")))
     outcome: list[Any] = []
     session.start().addErrback(lambda f: outcome.append(f.value))
     assert isinstance(outcome[0], DeviceUnreachable)

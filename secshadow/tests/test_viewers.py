@@ -630,11 +630,11 @@ def test_auto_without_any_viewer_gives_a_platform_hint(platform: str, hint: str)
         resolve_viewer("auto", system=fake_system(platform, set()))
 
 
-def test_auto_with_view_only_needs_a_viewer_with_a_view_only_mode() -> None:
+def test_auto_with_view_only_prefers_a_viewer_with_a_view_only_mode() -> None:
     only_remote = fake_system("linux", {"/usr/bin/remote-viewer"}, path="/usr/bin")
     assert resolve_viewer("auto", system=only_remote).name == "remote-viewer"
-    with pytest.raises(ViewerError, match=r"\(remote-viewer\) have no view-only mode"):
-        resolve_viewer("auto", system=only_remote, view_only=True)
+    # The proxy enforces view-only, so a viewer without the mode is still usable.
+    assert resolve_viewer("auto", system=only_remote, view_only=True).name == "remote-viewer"
     both = fake_system("linux", {"/usr/bin/remote-viewer", "/usr/bin/xtightvncviewer"}, path="/usr/bin")
     assert resolve_viewer("auto", system=both, view_only=True).name == "tightvnc"
     # Every viewer with a view-only mode comes before every viewer without one.
@@ -643,12 +643,16 @@ def test_auto_with_view_only_needs_a_viewer_with_a_view_only_mode() -> None:
 
 
 @pytest.mark.parametrize("name", ["remote-viewer", "remmina", "gvncviewer", "vinagre", "krdc"])
-def test_view_only_on_a_viewer_without_it_is_refused_not_silently_dropped(name: str) -> None:
+def test_view_only_on_a_viewer_without_it_starts_it_as_is_since_the_proxy_enforces_it(name: str) -> None:
     system = _machine("linux")
-    with pytest.raises(ViewerError, match="no view-only mode"):
-        viewer_argv(VIEWERS[name], H, P, view_only=True, system=system)
-    with pytest.raises(ViewerError, match="no view-only mode"):
-        resolve_viewer(name, system=system, view_only=True)
+    assert viewer_argv(VIEWERS[name], H, P, view_only=True, system=system) == \
+        viewer_argv(VIEWERS[name], H, P, view_only=False, system=system)
+    assert resolve_viewer(name, system=system, view_only=True).name == name
+
+
+def test_view_only_still_adds_the_viewers_own_flag_where_it_has_one() -> None:
+    system = _machine("linux")
+    assert "-ViewOnly" in viewer_argv(VIEWERS["tigervnc"], H, P, view_only=True, system=system)
 
 
 def test_full_screen_without_a_flag_is_logged_and_ignored() -> None:
