@@ -201,6 +201,10 @@ def test_closing_the_tab_ends_the_session(service, lab: Lab, tmp_path: Path):
     _wait(lambda: len(service["audit"].read_text().splitlines()) > audited, timeout=30)
     record = json.loads(service["audit"].read_text().splitlines()[-1])
     assert record["result"] == "ok" and record["view_only"] is False
+    token = answer["websocket"].split("token=", 1)[1]
+    assert "browser viewer connecting" in service["process"].log_tail(2000)  # the upgrade was logged ...
+    assert token not in service["process"].log_tail(2000)  # ... without its token
+    assert token not in service["audit"].read_text()
     call(service, "POST", "/api/logout", cookie=cookie)
 
 
