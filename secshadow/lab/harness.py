@@ -212,13 +212,14 @@ def start_gateway(workdir: Path, *extra: str, plaintext: bool = False, name: str
 
 
 def start_agent(gateway: GatewayProcess, sid: str, target_port: int, *extra: str,
-                target_host: str = "127.0.0.1", token_file: Path | None = None, name: str = "agent") -> ManagedProcess:
+                target_host: str = "127.0.0.1", token_file: Path | None = None, name: str = "agent",
+                url: str | None = None) -> ManagedProcess:
     """Start ``secshadow-agent --json`` for the device leg of ``sid`` (a fresh token unless
     ``token_file``), splicing to ``target_host:target_port``; returns at once (it waits
-    for the console)."""
+    for the console). ``url``: another way to the gateway (e.g. a TLS front before it)."""
     token = token_file or gateway.token_file(sid, "device")
     return ManagedProcess(name, [
-        *python_module("secshadow.gateway.cli"), "agent", "--gateway", gateway.leg_url(sid, "device"),
+        *python_module("secshadow.gateway.cli"), "agent", "--gateway", url or gateway.leg_url(sid, "device"),
         "--token-file", str(token), "--target", f"{target_host}:{target_port}", *gateway.trust_args(),
         "--json", *extra,
     ], gateway.workdir, env=child_environment())
