@@ -23,22 +23,17 @@ both sockets are closed, the listener released and the viewer reaped.
 from __future__ import annotations
 
 import enum
-import ipaddress
-import os
-import socket
-from typing import Any, Callable, Protocol as TypingProtocol
+from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IStreamServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from secshadow import events
 from secshadow.bridge import Bridge, BridgeEnd, ViewerConnection, close_connection
 from secshadow.errors import SecShadowError, UsageError, ViewerError
+from secshadow.listener import PeerCheck, ViewerDoor, ViewerHandle, ViewerLauncher, is_loopback, same_user_only
 from secshadow.options import DEFAULT_DEVICE_PORT, SessionOptions
 from secshadow.procy import Hello, procy_command
 from secshadow.reactor import SessionReactor
@@ -47,25 +42,12 @@ from secshadow.tunnel import DeviceDialer, DeviceLink, PinnedDialer
 from secshadow.viewers import signal_name
 
 log = Logger()
+#: Re-exported: the session's collaborators' types, for embedders and tests.
+__all__ = ["PeerCheck", "SecretRefresher", "SessionState", "ShadowSession", "TRANSITIONS", "ViewerHandle",
+           "ViewerLauncher", "is_loopback", "same_user_only"]
 
-
-class ViewerHandle(TypingProtocol):
-    """A launched viewer as the session sees it (see :class:`secshadow.viewers.ViewerProcess`)."""
-
-    name: str
-    pid: int | None
-
-    def wait(self) -> Deferred[int | None]: ...
-
-    def terminate(self, grace: float = ...) -> Deferred[None]: ...
-
-
-#: Starts a viewer for the listener at (host, port); raises ViewerError.
-ViewerLauncher = Callable[[str, int], ViewerHandle]
 #: Fetches a fresh shadow secret (new one-time password) for the next viewer.
 SecretRefresher = Callable[[], "Deferred[ShadowSecret]"]
-#: Says why a viewer stream must be refused (``None``: serve it).
-PeerCheck = Callable[[Any], "str | None"]
 
 
 class SessionState(enum.Enum):
@@ -91,50 +73,6 @@ TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
     S.CLOSING: frozenset({S.CLOSED}),
     S.CLOSED: frozenset(),
 }
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and Unix socket paths (no address at all)."""
-    if not host or host.startswith("/"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def same_user_only(transport: Any) -> str | None:
-    """The default :data:`PeerCheck`: a viewer on a local socket must belong to this
-    process's user (``SO_PEERCRED`` on unix sockets, the socket owner for loopback
-    TCP). Streams that are not sockets (the browser bridge) carry their own
-    authentication (a single-use token) and pass; so do non-loopback peers, whose
-    user cannot be known (the listener warns about them)."""
-    from secshadow.peercred import peer_uid
-
-    sock = transport.getHandle() if hasattr(transport, "getHandle") else None
-    if not isinstance(sock, socket.socket) or sock.family not in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
-        return None
-    if sock.family != socket.AF_UNIX and not is_loopback(str(getattr(transport.getPeer(), "host", ""))):
-        return None
-    uid = peer_uid(transport)
-    if uid is None:
-        return "its owner could not be determined"
-    if uid != os.geteuid():
-        return f"it belongs to another local user (uid {uid})"
-    return None
-
-
-class _ViewerFactory(Factory):
-    noisy = False
-
-    def __init__(self, session: ShadowSession) -> None:
-        self.session = session
-
-    def buildProtocol(self, addr: Any) -> ViewerConnection | None:
-        if not self.session.accepting_viewer:
-            log.info("refusing another viewer connection from {addr}", addr=addr)
-            return None
-        return ViewerConnection(self.session._viewer_arrived, self.session._viewer_left_early)
 
 
 class ShadowSession:
@@ -170,11 +108,12 @@ class ShadowSession:
         if not self.device_host:
             raise UsageError("the secret names no device address (no lastIP/host): pass a device host")
         self._emit = on_event
-        self._launch_viewer = launch_viewer
         self._dial = dialer or PinnedDialer(reactor)
-        self._viewer_endpoint = viewer_endpoint
         self._refresh_secret = refresh_secret
-        self._peer_check = peer_check
+        self._door = ViewerDoor(reactor, viewer_endpoint, options.listen, emit=on_event, launch=launch_viewer,
+                                peer_check=peer_check, accepting=lambda: self.accepting_viewer,
+                                admit=self._viewer_arrived, left=self._viewer_left_early,
+                                timed_out=self._viewer_timed_out, viewer_exited=self._viewer_exited)
         if options.view_only and view_only is None:
             from secshadow.rfbfilter import ViewOnlyFilter
 
@@ -183,11 +122,8 @@ class ShadowSession:
         self.state = S.CONNECTING
         self._pending: Deferred[Any] | None = None  # the one operation in flight (dial, refresh)
         self._idle_link: DeviceLink | None = None  # pinned, waiting for a viewer
-        self._port: IListeningPort | None = None
-        self._viewer: ViewerHandle | None = None
         self._viewer_conn: ViewerConnection | None = None
         self._bridge: Bridge | None = None
-        self._viewer_timer: IDelayedCall | None = None
         self._served = 0
         self._bytes = (0, 0)  # (to viewer, to device) of bridges already ended
         self._done: Deferred[events.Closed] = Deferred()
@@ -271,17 +207,7 @@ class ShadowSession:
         self._enter(S.PINNED)
         self._idle_link = link
         link.when_lost().addCallback(self._idle_link_lost, link)
-        try:
-            endpoint = self._viewer_endpoint or serverFromString(self._reactor, self.options.listen)
-        except Exception as e:  # noqa: BLE001 - endpoint parsers raise anything (ssl: reads files)
-            self._fail(UsageError(f"--listen {self.options.listen!r} is not a server endpoint: {e}"))
-            return
-        self._run(endpoint.listen(_ViewerFactory(self)).addErrback(self._listen_error), self._listening)
-
-    def _listen_error(self, failure: Failure) -> Failure:
-        if failure.check(CannotListenError):
-            return Failure(UsageError(f"cannot listen on {self.options.listen!r}: {failure.getErrorMessage()}"))
-        return failure
+        self._run(maybeDeferred(self._door.open), self._listening)
 
     def _idle_link_lost(self, _: None, link: DeviceLink) -> None:
         if self._idle_link is link:
@@ -289,60 +215,24 @@ class ShadowSession:
             self._idle_link = None
 
     def _listening(self, port: IListeningPort) -> None:
-        self._port = port
-        if self.state is not S.PINNED:
-            self._stop_listening()
-            return
-        address = port.getHost()
-        host = getattr(address, "host", None) or getattr(address, "name", "")
-        if isinstance(host, bytes):
-            host = host.decode()
         self._enter(S.LISTENING)
-        self._emit(events.Listening(host=str(host), port=int(getattr(address, "port", 0)),
-                                    url=getattr(port, "url", None), websocket=getattr(port, "websocket", None),
-                                    view_only=True if self.options.view_only else None))
-        if not is_loopback(str(host)):
-            self._emit(events.WarningEvent(
-                message=f"the viewer port listens on {host}, not on loopback: anyone who can reach "
-                        "it gets the device's screen without a password"))
-        self._arm_viewer_timer()
-        if self._launch_viewer is not None:
-            try:
-                self._viewer = self._launch_viewer(str(host), int(getattr(address, "port", 0)))
-            except SecShadowError as e:
-                self._fail(e)
-                return
-            if self._viewer.pid is not None:
-                self._emit(events.ViewerStarted(viewer=self._viewer.name, pid=self._viewer.pid))
-            self._viewer.wait().addCallback(self._viewer_exited)
+        try:
+            self._door.announce(self.options.viewer_timeout, self.options.view_only)
+        except SecShadowError as e:  # the viewer could not be started
+            self._fail(e)
 
-    def _stop_listening(self) -> Deferred[None]:
-        port, self._port = self._port, None
-        if port is None:
-            return succeed(None)
-        return maybeDeferred(port.stopListening)  # type: ignore[call-overload]
-
-    # -------------------------------------------------------------- viewers
     def _viewer_arrived(self, conn: ViewerConnection) -> None:
+        if self._served > 0 and self._refresh_secret is None:
+            self._door.refuse(conn, "the one-time password was used by the first viewer; another viewer "
+                                    "needs a fresh secret from the UMS")
+            return
         transport: Any = conn.transport
-        if not self.accepting_viewer:
-            transport.abortConnection()
-            return
-        refusal = self._peer_check(transport) if self._peer_check is not None else None
-        if refusal is None and self._served > 0 and self._refresh_secret is None:
-            refusal = ("the one-time password was used by the first viewer; another viewer needs a "
-                       "fresh secret from the UMS")
-        if refusal is not None:
-            transport.abortConnection()
-            self._emit(events.WarningEvent(message=f"refused the viewer connection from {conn.peer_text()}: "
-                                                   f"{refusal}; still waiting for the viewer"))
-            return
         self._served += 1
         self._viewer_conn = conn
-        self._disarm_viewer_timer()
+        self._door.disarm()
         transport.pauseProducing()  # nothing to relay until the device has answered
         if self._served >= self.options.max_viewers:
-            self._stop_listening()
+            self._door.stop_listening()
         self._emit(events.ViewerConnected(peer=conn.peer_text()))
         link, self._idle_link = self._idle_link, None
         if self._served == 1 and link is not None and link.alive:
@@ -407,7 +297,7 @@ class ShadowSession:
         self._emit(events.ViewerClosed(reason=end.reason, bytes_to_viewer=end.bytes_to_viewer,
                                        bytes_to_device=end.bytes_to_device))
         self._enter(S.LISTENING)
-        self._arm_viewer_timer()
+        self._door.arm(self.options.viewer_timeout)
 
     def _viewer_exited(self, status: int | None) -> None:
         if self.state in (S.CLOSING, S.CLOSED) or self._viewer_conn is not None:
@@ -415,21 +305,11 @@ class ShadowSession:
         if self._served > 0:
             self._close("the viewer exited")
         else:
-            name = self._viewer.name if self._viewer else ""
+            name = self._door.viewer.name if self._door.viewer else ""
             self._fail(ViewerError(f"the viewer {name} exited before connecting ({signal_name(status)}); "
                                    "its output is in the log"))
 
-    def _arm_viewer_timer(self) -> None:
-        self._disarm_viewer_timer()
-        self._viewer_timer = self._reactor.callLater(self.options.viewer_timeout, self._viewer_timed_out)
-
-    def _disarm_viewer_timer(self) -> None:
-        timer, self._viewer_timer = self._viewer_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-
     def _viewer_timed_out(self) -> None:
-        self._viewer_timer = None
         if self._served > 0:
             self._close(f"no further viewer within {self.options.viewer_timeout:g} s")
         else:
@@ -461,9 +341,8 @@ class ShadowSession:
         """Close everything in any state; fires when sockets are closed, the listener
         released and the viewer reaped."""
         self._enter(S.CLOSING)
-        self._disarm_viewer_timer()
         self._abandon()
-        waits: list[Deferred[Any]] = [self._stop_listening()]
+        waits: list[Deferred[Any]] = self._door.close()
         bridge, self._bridge = self._bridge, None
         if bridge is not None:
             waits.append(bridge.stop(reason, abort=abort).addCallback(self._count_bridge))
@@ -473,8 +352,6 @@ class ShadowSession:
         link, self._idle_link = self._idle_link, None
         if link is not None and not link.is_lost:
             waits.append(close_connection(self._reactor, link.when_lost(), link.transport, abort))
-        if self._viewer is not None:
-            waits.append(self._viewer.terminate())
 
         def closed(_: Any) -> None:
             self._enter(S.CLOSED)

@@ -164,7 +164,7 @@ def test_second_viewer_gets_nothing_from_the_device():
     h = Harness()
     h.viewer_connects()
     assert h.viewer_connects(port=51235) is None  # refused at accept
-    assert h.session._port is None  # and the listener was released at the first accept
+    assert h.session._door._port is None  # and the listener was released at the first accept
     assert len(h.links) == 1 and len(h.links[0].commands) == 1
 
 
