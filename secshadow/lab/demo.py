@@ -4,7 +4,10 @@ It starts a real VNC server (TigerVNC ``Xvnc``, blue screen with a label), the
 reference IMI server and the device emulator in front of Xvnc, then runs
 ``secshadow-proxy`` through the IMI server as a user would. With a display it
 launches the TigerVNC viewer (close its window to end); without one it saves a
-snapshot PNG through the tunnel. Each step is printed as it happens.
+snapshot PNG through the tunnel. Then the browser path: ``secshadow-web`` on the same lab,
+logged in with the UMS account, shadows the device view-only, and real headless Chromium
+opens the page; its screenshot goes next to the snapshot (``browser.png``). Each step is
+printed as it happens.
 
 Run: ``bin/secshadow-demo`` (after ``bin/setup-debian``).
 """
@@ -12,19 +15,107 @@ Run: ``bin/secshadow-demo`` (after ``bin/setup-debian``).
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from secshadow.lab.harness import LabError, ManagedProcess, child_environment, start_lab
+from secshadow.lab.harness import UMS_USER as DEVICE_USER
+from secshadow.lab.harness import LabError, ManagedProcess, child_environment, python_module, start_lab
 from secshadow.lab.vnc import XvncError
 
 
 def _say(text: str) -> None:
     print(f"demo: {text}", flush=True)
+
+
+def _browser_path(lab: Any, screenshot: Path) -> None:
+    """secshadow-web on the lab, a view-only shadowing through its API, and the page in
+    real headless Chromium (selenium + Debian's chromedriver); the screenshot is saved
+    once the canvas shows the device's background colour."""
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        _say("browser path skipped: chromium and chromium-driver are not installed (bin/setup-debian)")
+        return
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.options import Options
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        _say("browser path skipped: selenium is not installed (pip install -e '.[test]')")
+        return
+    _say("browser path: starting secshadow-web (log in with the UMS account, pick a device, watch it in a tab)")
+    started = time.monotonic()
+    web = ManagedProcess("secshadow-web", [
+        *python_module("secshadow.web.service"), "--ums", lab.ums_url, "--ums-fingerprint", lab.ums_fingerprint,
+        "--listen", "tcp:0:interface=127.0.0.1", "--device-port", str(lab.device_port), "--json",
+    ], lab.workdir, env=child_environment())
+    driver = None
+    try:
+        url = web.wait_for("web-listening", timeout=30)["url"]
+        _say(f"+{time.monotonic() - started:5.2f} s  secshadow-web at {url}")
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        cookie = _web_call(port, "/api/login", {"user": DEVICE_USER, "password": lab.password_file.read_text().strip()})
+        answer = _web_call(port, "/api/devices/27/shadow", {"view_only": True}, cookie)
+        _say(f"+{time.monotonic() - started:5.2f} s  logged in as {DEVICE_USER!r}; device 27 pinned, "
+             f"single-use page link valid {answer['expires_s']} s")
+        options = Options()
+        options.binary_location = shutil.which("chromium") or "chromium"
+        profile = lab.workdir / "chromium-profile"
+        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                     "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+                     "--window-size=960,640"):
+            options.add_argument(flag)
+        driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+        clicked = time.monotonic()
+        driver.get(url.rstrip("/") + answer["url"])
+        x, y = lab.xvnc.background_point
+        deadline = time.monotonic() + 20
+        pixel = None
+        while time.monotonic() < deadline:
+            pixel = driver.execute_script(
+                "const c = document.querySelector('#screen canvas');"
+                "if (!c || !c.width) return null;"
+                "return Array.from(c.getContext('2d').getImageData(arguments[0], arguments[1], 1, 1).data.slice(0, 3));",
+                x, y)
+            if pixel is not None and tuple(pixel) == lab.xvnc.background_rgb:
+                break
+            time.sleep(0.05)
+        else:
+            _say(f"browser path: the page did not show the device's screen (last pixel {pixel})")
+            return
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(screenshot))
+        _say(f"+{time.monotonic() - started:5.2f} s  the browser shows the device's screen "
+             f"({time.monotonic() - clicked:.2f} s from page request to first frame); saved {screenshot}")
+    except (LabError, OSError, ValueError, KeyError) as e:
+        _say(f"browser path failed: {e}\n{web.log_tail(20)}")
+    finally:
+        if driver is not None:
+            driver.quit()
+        web.stop()
+
+
+def _web_call(port: int, path: str, body: dict[str, Any], cookie: str | None = None) -> Any:
+    """One JSON POST to secshadow-web; returns the session cookie for /api/login, else
+    the decoded answer. ValueError with the service's message on an error status."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"Content-Type": "application/json", "Origin": f"http://127.0.0.1:{port}"}
+    if cookie:
+        headers["Cookie"] = cookie
+    conn.request("POST", path, body=json.dumps(body), headers=headers)
+    response = conn.getresponse()
+    raw = response.read()
+    conn.close()
+    if response.status != 200:
+        raise ValueError(f"{path}: HTTP {response.status} {raw.decode(errors='replace')}")
+    if path == "/api/login":
+        return response.headers["Set-Cookie"].split(";", 1)[0]
+    return json.loads(raw)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="auto: TigerVNC when $DISPLAY is set and vncviewer is installed, else snapshot")
     parser.add_argument("--snapshot", default="demo-output/snapshot.png", metavar="FILE",
                         help="where the snapshot PNG goes (default: %(default)s)")
+    parser.add_argument("--no-browser", action="store_true",
+                        help="skip the browser path (secshadow-web and headless Chromium)")
     args = parser.parse_args(argv)
 
     mode = args.viewer
@@ -86,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
                  f"(proxy start to first RFB byte {first_frame:.2f} s, to saved frame {total:.2f} s)")
         else:
             _say(f"viewer closed; session over after {total:.1f} s")
+        if status == 0 and mode == "snapshot" and not args.no_browser:
+            _browser_path(lab, Path(args.snapshot).with_name("browser.png"))
         device_verdicts = [e.get("accepted") for e in (lab.device.named("procycmd") if lab.device else [])]
         _say(f"the device emulator saw {len(device_verdicts)} PROCYCMD command(s), accepted: {device_verdicts}")
     except (LabError, subprocess.TimeoutExpired) as e:

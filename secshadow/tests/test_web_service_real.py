@@ -275,3 +275,22 @@ def test_an_unreachable_device_is_explained_in_words(lab: Lab, tmp_path: Path):
     finally:
         driver.quit()
         process.stop()
+
+
+def test_the_demo_saves_the_browser_page_next_to_the_snapshot(tmp_path: Path):
+    for program in ("Xvnc", "xsetroot", "chromium", "chromedriver"):
+        require_program(program)
+    import subprocess
+
+    from secshadow.lab.vnc import DEFAULT_BACKGROUND, parse_rgb
+
+    env = child_environment()
+    env.pop("DISPLAY", None)
+    result = subprocess.run([*python_module("secshadow.lab.demo"), "--snapshot", str(tmp_path / "snapshot.png")],
+                            capture_output=True, timeout=240, env=env)
+    output = result.stdout.decode()
+    assert result.returncode == 0, output + result.stderr.decode()
+    assert "the browser shows the device's screen" in output
+    page = tmp_path / "browser.png"
+    assert share_of_colour(page, parse_rgb(DEFAULT_BACKGROUND)) > 0.3
+    assert share_of_colour(tmp_path / "snapshot.png", parse_rgb(DEFAULT_BACKGROUND)) > 0.5
