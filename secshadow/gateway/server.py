@@ -411,7 +411,10 @@ def server_tls(cert_path: str, key_path: str) -> ServerTLS:
     """
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
-    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+    # No session cache and no tickets: legs do not resume (each dials once per session),
+    # and a cache would hold memory for every past handshake.
+    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_TICKET)
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     context.set_cipher_list(b"DEFAULT:!aNULL:!eNULL")
     try:
