@@ -296,3 +296,17 @@ def test_setup_script_installs_the_pinned_novnc():
     assert f'NOVNC_PACKAGE="@novnc/novnc@{NOVNC_VERSION}"' in script
     assert f'"version": "{NOVNC_VERSION}"' in script
     assert "chromium chromium-driver" in script
+
+
+def test_every_static_file_is_package_data():
+    import fnmatch
+    import re as _re
+
+    from secshadow.web.endpoint import STATIC_DIR
+
+    setup = (Path(__file__).resolve().parents[2] / "setup.py").read_text()
+    patterns = _re.search(r'"secshadow\.web": \[([^\]]*)\]', setup)
+    assert patterns is not None
+    globs = _re.findall(r'"([^"]+)"', patterns.group(1))
+    files = [f"static/{p.name}" for p in STATIC_DIR.iterdir()]
+    assert files and all(any(fnmatch.fnmatch(f, g) for g in globs) for f in files)
