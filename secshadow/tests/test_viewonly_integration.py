@@ -128,7 +128,8 @@ def test_the_same_input_without_view_only_moves_the_pointer_and_types(lab: Lab, 
 def test_a_hostile_client_sending_every_message_type_changes_nothing_and_an_unknown_type_exits_8(
         lab: Lab, tmp_path: Path, probe: InputProbe) -> None:
     display = lab.xvnc.display_name
-    proxy = start_proxy(lab, tmp_path, "hostile", "--viewer", "none", "--view-only")
+    audit = tmp_path / "audit.jsonl"
+    proxy = start_proxy(lab, tmp_path, "hostile", "--viewer", "none", "--view-only", "--audit", str(audit))
     try:
         listening = proxy.wait_for("listening")
         before = pointer_at(display)
@@ -161,6 +162,8 @@ def test_a_hostile_client_sending_every_message_type_changes_nothing_and_an_unkn
     assert error["message"] == (f"the viewer sent RFB message type {UNKNOWN_TYPE}, which view-only does not "
                                 "know; closing")
     assert pointer_at(display) == before
+    (record,) = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert (record["result"], record["reason"], record["view_only"]) == ("viewer", error["message"], True)
 
 
 @pytest.mark.parametrize("how", ["tigervnc --view-only", "viewer-command without ViewOnly, --view-only",
