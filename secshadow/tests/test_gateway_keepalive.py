@@ -93,10 +93,11 @@ async def test_the_client_drops_a_gateway_that_went_silent(tmp_path: Path, monke
     try:
         device = endpoint_for(reactor, gateway, "hung", "device").connect(Factory.forProtocol(Leg))
         console = await endpoint_for(reactor, gateway, "hung", "console").connect(Factory.forProtocol(Leg))
-        await device
+        device_leg = await device
         paired_at = time.monotonic()
         message = await console.lost
         assert "no byte from the gateway for too long" in message
+        await device_leg.lost  # the gateway closed the other leg (or its watchdog did)
         assert 1.0 <= console.at - paired_at < 4  # silence counts from the last byte, "paired"
     finally:
         gateway.stop()
