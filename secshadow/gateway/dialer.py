@@ -106,9 +106,9 @@ class GatewayStream:
 
     # ITransport
     def write(self, data: bytes) -> None:
-        if self.disconnecting or not data:
-            return
         leg = self._leg
+        if self.disconnecting or not data or leg.state != leg.STATE_OPEN:
+            return  # the relay is closing: like a closing TCP transport, drop late writes
         if len(data) <= wire.MAX_MESSAGE:
             leg.sendMessage(data, isBinary=True)
             return

@@ -177,8 +177,9 @@ class GatewayLeg(WebSocketServerProtocol):
             self.gateway.registry.violation(session, self.role, wire.CLOSE_UNSUPPORTED_DATA,
                                             "text message after paired")
             return
-        partner.sendMessage(payload, isBinary=True)
-        self.gateway.registry.relayed(session, self.role, len(payload))
+        if partner.state == partner.STATE_OPEN:  # else it is closing: nothing more goes to it
+            partner.sendMessage(payload, isBinary=True)
+            self.gateway.registry.relayed(session, self.role, len(payload))
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._gone:

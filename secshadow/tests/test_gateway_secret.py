@@ -79,7 +79,10 @@ def test_gateway_token_equality_and_hash_do_not_leak() -> None:
 class FakeLeg:
     """Stands for the client WebSocket protocol: messages sent, reading state."""
 
+    STATE_OPEN = 3
+
     def __init__(self) -> None:
+        self.state = self.STATE_OPEN
         self.transport = StringTransport()
         self.messages: list[tuple[bytes, bool]] = []
         self.reading = True
@@ -132,6 +135,13 @@ def test_stream_is_a_push_producer_and_a_consumer_of_the_socket() -> None:
     s.unregisterProducer()
     assert leg.transport.producer is None
     assert s.getPeer() == GatewayAddress("gw", 443, "S1", "console")
+
+
+def test_writes_after_the_websocket_started_closing_are_dropped() -> None:
+    s, leg = stream()
+X
+    s.write(b"late record")
+    assert leg.messages == []
 
 
 def test_lose_and_abort() -> None:
