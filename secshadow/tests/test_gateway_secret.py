@@ -139,7 +139,7 @@ def test_stream_is_a_push_producer_and_a_consumer_of_the_socket() -> None:
 
 def test_writes_after_the_websocket_started_closing_are_dropped() -> None:
     s, leg = stream()
-X
+    leg.state = 2  # autobahn's STATE_CLOSING: sendMessage would raise
     s.write(b"late record")
     assert leg.messages == []
 
