@@ -49,6 +49,9 @@ only in 3.8, and only 3.8 adds a reason string to a failed SecurityResult.
 The handshake is lock-step: each side speaks only after the other's previous message.
 Bytes that arrive before the filter can know how to read them (a viewer that sends its
 security choice before the device's list) are refused, never guessed at.
+
+Inside, :class:`ViewOnlyFilter` is the public face of two parts: ``_Handshake`` (both
+sides up to ServerInit) and ``_ClientMessages`` (the viewer's messages after ClientInit).
 """
 
 from __future__ import annotations
@@ -273,87 +276,43 @@ def strip_encodings(message: bytes | bytearray | memoryview) -> tuple[bytes, lis
     return struct.pack(f">BxH{len(kept)}i", 2, len(kept), *kept), stripped
 
 
-class ViewOnlyFilter:
-    """One RFB connection's view-only filter (see the module docstring).
+class _Handshake:
+    """Both directions of the handshake, up to ServerInit (RFC 6143 sections 7.1 to 7.3).
 
-    Feed :meth:`from_server` the device's bytes from its first byte, and
-    :meth:`from_client` the viewer's; each returns the bytes to forward (possibly
-    empty). After the first :class:`RFBFilterError` every call raises again.
-
-    Counters: :attr:`dropped` (messages dropped, by name, e.g. ``"KeyEvent"``),
-    :attr:`passed` (messages forwarded, by name), :attr:`stripped` (pseudo-encodings
-    removed from SetEncodings, by number). :attr:`viewer_shared_flag`: the shared flag
-    the viewer sent in ClientInit (``None`` before it); the device always gets 1.
+    The two sides speak in lock step, so one object holds both states: each side's
+    message decides how the other's next one is read. :meth:`device_bytes` and
+    :meth:`viewer_bytes` raise :class:`RFBFilterError`; the caller (:class:`ViewOnlyFilter`)
+    then calls :meth:`fail`.
     """
 
     def __init__(self) -> None:
-        self.dropped: collections.Counter[str] = collections.Counter()
-        self.passed: collections.Counter[str] = collections.Counter()
-        self.stripped: collections.Counter[int] = collections.Counter()
+        self.viewer = ViewerState.VERSION
+        self.device = DeviceState.VERSION
         self.viewer_shared_flag: int | None = None
-        #: ``(width, height)`` from ServerInit, once seen.
         self.framebuffer_size: tuple[int, int] | None = None
-        self._viewer = ViewerState.VERSION
-        self._device = DeviceState.VERSION
+        self.minor: int | None = None  # the protocol in use: 3.<minor>
+        self.security: int | None = None
         self._device_version: tuple[int, int] | None = None
-        self._minor: int | None = None  # the protocol in use: 3.<minor>
         self._offered: tuple[int, ...] = ()
-        self._security: int | None = None
-        self._vbuf = bytearray()
-        self._dbuf = bytearray()
-        self._vskip = 0  # viewer bytes still to drop (a dropped message's body)
+        self.vbuf = bytearray()  # a partial viewer handshake message
+        self.dbuf = bytearray()  # a partial device handshake message
         self._dleft = 0  # device bytes still to pass in REASON / SERVER_NAME
 
-    # ------------------------------------------------------------------ info
-    @property
-    def state(self) -> str:
-        """For logs and debugging, e.g. ``"viewer messages, device relay"``."""
-        text = f"viewer {self._viewer.value}, device {self._device.value}"
-        if self._vskip:
-            text += f" (dropping {self._vskip} more viewer bytes)"
-        return text
-
-    @property
-    def rfb_version(self) -> str | None:
-        """The protocol version in use (``"3.8"``), once the viewer chose it."""
-        return None if self._minor is None else f"3.{self._minor}"
-
-    @property
-    def security_type(self) -> int | None:
-        """1 (None) or 2 (VNC Authentication), once known."""
-        return self._security
-
-    @property
-    def viewer_buffered(self) -> int:
-        """Viewer bytes held for a partial message; never more than :data:`MAX_BUFFERED`."""
-        return len(self._vbuf)
-
-    @property
-    def device_buffered(self) -> int:
-        """Device bytes held for a partial handshake message (at most 256)."""
-        return len(self._dbuf)
+    def fail(self) -> None:
+        self.viewer = ViewerState.FAILED
+        self.device = DeviceState.FAILED
+        self.vbuf.clear()
+        self.dbuf.clear()
+        self._dleft = 0
 
     # ------------------------------------------------------------------ device
-    def from_server(self, data: bytes) -> bytes:
-        """Device-to-viewer bytes in, the bytes to send the viewer out.
-
-        Rewrites only the security-type list; after ServerInit returns ``data`` itself.
-        Raises :class:`RFBFilterError` on a malformed or refused handshake.
-        """
-        if self._device is DeviceState.RELAY:
-            return data
-        self._usable()
-        try:
-            return self._from_server(data)
-        except RFBFilterError:
-            self._fail()
-            raise
-
-    def _from_server(self, data: bytes) -> bytes:
+    def device_bytes(self, data: bytes) -> bytes:
+        """The device's bytes in, the bytes for the viewer out; after ServerInit the
+        rest of ``data`` is copied unchanged."""
         out = bytearray()
         pos, end = 0, len(data)
         while pos < end:
-            state = self._device
+            state = self.device
             if state is DeviceState.RELAY:
                 out += data[pos:]
                 break
@@ -375,24 +334,24 @@ class ViewOnlyFilter:
                 raise RFBFilterError(
                     f"the device sent {end - pos} byte(s) after it refused the connection; closing")
             need = self._device_need()
-            take = min(need - len(self._dbuf), end - pos)
-            self._dbuf += data[pos:pos + take]
+            take = min(need - len(self.dbuf), end - pos)
+            self.dbuf += data[pos:pos + take]
             pos += take
             if state is DeviceState.VERSION:
-                _check_version_prefix(self._dbuf, "device")
-            if len(self._dbuf) < self._device_need():
+                _check_version_prefix(self.dbuf, "device")
+            if len(self.dbuf) < self._device_need():
                 continue
-            item = bytes(self._dbuf)
-            self._dbuf.clear()
+            item = bytes(self.dbuf)
+            self.dbuf.clear()
             out += self._device_item(state, item)
         return bytes(out)
 
     def _device_need(self) -> int:
-        state = self._device
+        state = self.device
         if state is DeviceState.VERSION:
             return VERSION_LENGTH
         if state is DeviceState.SECURITY_TYPES:
-            return 1 + self._dbuf[0] if self._dbuf else 1
+            return 1 + self.dbuf[0] if self.dbuf else 1
         if state is DeviceState.VNC_CHALLENGE:
             return 16
         if state is DeviceState.SERVER_INIT:
@@ -405,11 +364,11 @@ class ViewOnlyFilter:
             if (major, minor) < (3, 3):
                 raise RFBFilterError(f"the device offers RFB {major}.{minor}, older than 3.3; closing")
             self._device_version = (major, minor)
-            self._device = DeviceState.AWAIT_VIEWER_VERSION
+            self.device = DeviceState.AWAIT_VIEWER_VERSION
             return item
         if state is DeviceState.SECURITY_TYPES:
             if item[0] == 0:  # the device refuses: a reason string follows
-                self._device = DeviceState.REASON_LENGTH
+                self.device = DeviceState.REASON_LENGTH
                 self._viewer_closed()
                 return item
             offered = list(item[1:])
@@ -419,86 +378,64 @@ class ViewOnlyFilter:
                     f"the device offers only security types {offered}; view-only can follow None (1) "
                     "and VNC Authentication (2) only; closing")
             self._offered = kept
-            self._device = DeviceState.AWAIT_CHOICE
-            self._viewer = ViewerState.SECURITY_CHOICE
+            self.device = DeviceState.AWAIT_CHOICE
+            self.viewer = ViewerState.SECURITY_CHOICE
             return bytes([len(kept), *kept])
         if state is DeviceState.SECURITY_TYPE:  # RFB 3.3: the device decides
             chosen = _u32(item, 0)
             if chosen == 0:
-                self._device = DeviceState.REASON_LENGTH
+                self.device = DeviceState.REASON_LENGTH
                 self._viewer_closed()
             elif chosen in ALLOWED_SECURITY_TYPES:
-                self._security = chosen
+                self.security = chosen
                 if chosen == SECURITY_NONE:
-                    self._device, self._viewer = DeviceState.SERVER_INIT, ViewerState.CLIENT_INIT
+                    self.device, self.viewer = DeviceState.SERVER_INIT, ViewerState.CLIENT_INIT
                 else:
-                    self._device, self._viewer = DeviceState.VNC_CHALLENGE, ViewerState.VNC_RESPONSE
+                    self.device, self.viewer = DeviceState.VNC_CHALLENGE, ViewerState.VNC_RESPONSE
             else:
                 raise RFBFilterError(
                     f"the device chose security type {chosen} (RFB 3.3); view-only can follow None (1) "
                     "and VNC Authentication (2) only; closing")
             return item
         if state is DeviceState.VNC_CHALLENGE:
-            self._device = DeviceState.SECURITY_RESULT
+            self.device = DeviceState.SECURITY_RESULT
             return item
         if state is DeviceState.SECURITY_RESULT:
             if _u32(item, 0) == 0:
-                self._device = DeviceState.SERVER_INIT
+                self.device = DeviceState.SERVER_INIT
             else:
                 # 3.8 adds a reason string (RFC 6143 7.1.3); 3.3 and 3.7 just close.
-                self._device = DeviceState.REASON_LENGTH if self._minor == 8 else DeviceState.CLOSED
+                self.device = DeviceState.REASON_LENGTH if self.minor == 8 else DeviceState.CLOSED
                 self._viewer_closed()
             return item
         if state is DeviceState.REASON_LENGTH:
             self._dleft = _u32(item, 0)
-            self._device = DeviceState.REASON if self._dleft else DeviceState.CLOSED
+            self.device = DeviceState.REASON if self._dleft else DeviceState.CLOSED
             return item
         if state is DeviceState.SERVER_INIT:
             self.framebuffer_size = (_u16(item, 0), _u16(item, 2))
             self._dleft = _u32(item, 20)
-            self._device = DeviceState.SERVER_NAME if self._dleft else DeviceState.RELAY
+            self.device = DeviceState.SERVER_NAME if self._dleft else DeviceState.RELAY
             return item
         raise AssertionError(f"no device item in state {state}")  # pragma: no cover
 
     def _device_streamed(self, state: DeviceState) -> None:
-        self._device = DeviceState.CLOSED if state is DeviceState.REASON else DeviceState.RELAY
+        self.device = DeviceState.CLOSED if state is DeviceState.REASON else DeviceState.RELAY
 
     def _viewer_closed(self) -> None:
-        if self._viewer is not ViewerState.FAILED:
-            self._viewer = ViewerState.CLOSED
+        if self.viewer is not ViewerState.FAILED:
+            self.viewer = ViewerState.CLOSED
 
     # ------------------------------------------------------------------ viewer
-    def from_client(self, data: bytes) -> bytes:
-        """Viewer-to-device bytes in, the bytes to send the device out.
-
-        Passes the handshake (shared flag forced to 1) and, after ClientInit, only the
-        message types in :data:`PASSED_MESSAGE_TYPES` (SetEncodings rewritten). Raises
-        :class:`RFBFilterError` on anything it cannot parse or refuses.
-        """
-        self._usable()
-        try:
-            return self._from_client(data)
-        except RFBFilterError:
-            self._fail()
-            raise
-
-    def _from_client(self, data: bytes) -> bytes:
-        out = bytearray()
-        view = memoryview(data)
-        pos, end = 0, len(data)
-        while True:
-            if self._vskip:
-                take = min(self._vskip, end - pos)
-                pos += take
-                self._vskip -= take
-                if self._vskip:
-                    break
-            if pos >= end:
-                break
-            state = self._viewer
+    def viewer_bytes(self, view: memoryview, out: bytearray) -> int:
+        """Parse the viewer's handshake messages from ``view``, appending what the device
+        gets to ``out``; returns the position where the viewer's messages start (after
+        ClientInit), or ``len(view)``."""
+        pos, end = 0, len(view)
+        while pos < end:
+            state = self.viewer
             if state is ViewerState.MESSAGES:
-                pos = self._messages(view, pos, out)
-                continue
+                break
             if state is ViewerState.VERSION and self._device_version is None:
                 raise RFBFilterError(
                     f"the viewer sent {end - pos} byte(s) before the device's ProtocolVersion; closing")
@@ -509,17 +446,17 @@ class ViewOnlyFilter:
                 raise RFBFilterError(
                     f"the viewer sent {end - pos} byte(s) after the device refused the connection; closing")
             need = _VIEWER_ITEM_LENGTH[state]
-            take = min(need - len(self._vbuf), end - pos)
-            self._vbuf += view[pos:pos + take]
+            take = min(need - len(self.vbuf), end - pos)
+            self.vbuf += view[pos:pos + take]
             pos += take
             if state is ViewerState.VERSION:
-                _check_version_prefix(self._vbuf, "viewer")
-            if len(self._vbuf) < need:
+                _check_version_prefix(self.vbuf, "viewer")
+            if len(self.vbuf) < need:
                 break
-            item = bytes(self._vbuf)
-            self._vbuf.clear()
+            item = bytes(self.vbuf)
+            self.vbuf.clear()
             out += self._viewer_item(state, item)
-        return bytes(out)
+        return pos
 
     def _viewer_item(self, state: ViewerState, item: bytes) -> bytes:
         if state is ViewerState.VERSION:
@@ -532,9 +469,9 @@ class ViewOnlyFilter:
                 device = "{}.{}".format(*self._device_version)
                 raise RFBFilterError(
                     f"the viewer asked for RFB 3.{minor}, newer than the device's {device}; closing")
-            self._minor = minor
-            self._viewer = ViewerState.AWAIT_SECURITY
-            self._device = DeviceState.SECURITY_TYPE if minor == 3 else DeviceState.SECURITY_TYPES
+            self.minor = minor
+            self.viewer = ViewerState.AWAIT_SECURITY
+            self.device = DeviceState.SECURITY_TYPE if minor == 3 else DeviceState.SECURITY_TYPES
             return item
         if state is ViewerState.SECURITY_CHOICE:
             chosen = item[0]
@@ -542,48 +479,80 @@ class ViewOnlyFilter:
                 raise RFBFilterError(
                     f"the viewer chose security type {chosen}, which view-only did not offer "
                     f"(offered {list(self._offered)}); closing")
-            self._security = chosen
+            self.security = chosen
             if chosen == SECURITY_VNC_AUTH:
-                self._viewer, self._device = ViewerState.VNC_RESPONSE, DeviceState.VNC_CHALLENGE
+                self.viewer, self.device = ViewerState.VNC_RESPONSE, DeviceState.VNC_CHALLENGE
             else:  # None: a SecurityResult in 3.8 only (RFC 6143 7.2.1)
-                self._viewer = ViewerState.CLIENT_INIT
-                self._device = DeviceState.SECURITY_RESULT if self._minor == 8 else DeviceState.SERVER_INIT
+                self.viewer = ViewerState.CLIENT_INIT
+                self.device = DeviceState.SECURITY_RESULT if self.minor == 8 else DeviceState.SERVER_INIT
             return item
         if state is ViewerState.VNC_RESPONSE:
-            self._viewer = ViewerState.CLIENT_INIT
+            self.viewer = ViewerState.CLIENT_INIT
             return item
         if state is ViewerState.CLIENT_INIT:
             self.viewer_shared_flag = item[0]
-            self._viewer = ViewerState.MESSAGES
+            self.viewer = ViewerState.MESSAGES
             return b"\x01"
         raise AssertionError(f"no viewer item in state {state}")  # pragma: no cover
 
+
+class _ClientMessages:
+    """The viewer's messages after ClientInit (RFC 6143 section 7.5): whole messages of
+    the passed types are appended to the output (SetEncodings rewritten), dropped ones
+    are counted and their bodies skipped as they stream. A partial message is held in
+    :attr:`buffer` (never more than :data:`MAX_BUFFERED` bytes)."""
+
+    def __init__(self) -> None:
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self.passed: collections.Counter[str] = collections.Counter()
+        self.stripped: collections.Counter[int] = collections.Counter()
+        self.buffer = bytearray()
+        self.skip = 0  # viewer bytes still to drop (a dropped message's body)
+
+    def reset(self) -> None:
+        self.buffer.clear()
+        self.skip = 0
+
+    def feed(self, view: memoryview, pos: int, out: bytearray) -> None:
+        """Parse ``view[pos:]`` to its end, appending what the device gets to ``out``."""
+        end = len(view)
+        while True:
+            if self.skip:
+                take = min(self.skip, end - pos)
+                pos += take
+                self.skip -= take
+                if self.skip:
+                    return
+            if pos >= end:
+                return
+            pos = self._messages(view, pos, out)
+
     def _messages(self, view: memoryview, pos: int, out: bytearray) -> int:
         """Parse client messages from ``view[pos:]``; returns the new position. Stops at
-        the end of the data or when a dropped message's body starts (``_vskip``)."""
+        the end of the data or when a dropped message's body starts (:attr:`skip`)."""
         end = len(view)
-        while pos < end and not self._vskip:
-            if self._vbuf:  # complete the partial message held from earlier calls
-                frame = _client_frame(self._vbuf)
+        while pos < end and not self.skip:
+            if self.buffer:  # complete the partial message held from earlier calls
+                frame = _client_frame(self.buffer)
                 while isinstance(frame, int):
-                    take = min(frame - len(self._vbuf), end - pos)
-                    self._vbuf += view[pos:pos + take]
+                    take = min(frame - len(self.buffer), end - pos)
+                    self.buffer += view[pos:pos + take]
                     pos += take
-                    if len(self._vbuf) < frame:
+                    if len(self.buffer) < frame:
                         return pos
-                    frame = _client_frame(self._vbuf)
-                take = min(frame.length - len(self._vbuf), end - pos)
-                self._vbuf += view[pos:pos + take]
+                    frame = _client_frame(self.buffer)
+                take = min(frame.length - len(self.buffer), end - pos)
+                self.buffer += view[pos:pos + take]
                 pos += take
-                if len(self._vbuf) < frame.length:
+                if len(self.buffer) < frame.length:
                     return pos
-                self._apply(frame, self._vbuf, out)
-                self._vbuf.clear()
+                self._apply(frame, self.buffer, out)
+                self.buffer.clear()
                 continue
             rest = view[pos:]
             frame = _client_frame(rest)
             if isinstance(frame, int) or frame.length > len(rest):
-                self._vbuf += rest  # shorter than the message, hence within MAX_BUFFERED
+                self.buffer += rest  # shorter than the message, hence within MAX_BUFFERED
                 return end
             self._apply(frame, rest[:frame.length], out)
             pos += frame.length
@@ -592,7 +561,7 @@ class ViewOnlyFilter:
     def _apply(self, frame: _Frame, message: bytes | bytearray | memoryview, out: bytearray) -> None:
         if frame.action is _Action.DROP:
             self.dropped[frame.name] += 1
-            self._vskip = frame.skip
+            self.skip = frame.skip
             return
         self.passed[frame.name] += 1
         if frame.action is _Action.REWRITE:
@@ -602,14 +571,112 @@ class ViewOnlyFilter:
         else:
             out += message
 
+
+class ViewOnlyFilter:
+    """One RFB connection's view-only filter (see the module docstring).
+
+    Feed :meth:`from_server` the device's bytes from its first byte, and
+    :meth:`from_client` the viewer's; each returns the bytes to forward (possibly
+    empty). After the first :class:`RFBFilterError` every call raises again.
+
+    Counters: :attr:`dropped` (messages dropped, by name, e.g. ``"KeyEvent"``),
+    :attr:`passed` (messages forwarded, by name), :attr:`stripped` (pseudo-encodings
+    removed from SetEncodings, by number). :attr:`viewer_shared_flag`: the shared flag
+    the viewer sent in ClientInit (``None`` before it); the device always gets 1.
+
+    The work is shared by two parts: the handshake of both sides up to ServerInit, and
+    the viewer's messages after ClientInit.
+    """
+
+    def __init__(self) -> None:
+        self._handshake = _Handshake()
+        self._messages = _ClientMessages()
+        self.dropped = self._messages.dropped
+        self.passed = self._messages.passed
+        self.stripped = self._messages.stripped
+
+    # ------------------------------------------------------------------ info
+    @property
+    def viewer_shared_flag(self) -> int | None:
+        """The shared flag the viewer sent in ClientInit (``None`` before it)."""
+        return self._handshake.viewer_shared_flag
+
+    @property
+    def framebuffer_size(self) -> tuple[int, int] | None:
+        """``(width, height)`` from ServerInit, once seen."""
+        return self._handshake.framebuffer_size
+
+    @property
+    def state(self) -> str:
+        """For logs and debugging, e.g. ``"viewer messages, device relay"``."""
+        text = f"viewer {self._handshake.viewer.value}, device {self._handshake.device.value}"
+        if self._messages.skip:
+            text += f" (dropping {self._messages.skip} more viewer bytes)"
+        return text
+
+    @property
+    def rfb_version(self) -> str | None:
+        """The protocol version in use (``"3.8"``), once the viewer chose it."""
+        minor = self._handshake.minor
+        return None if minor is None else f"3.{minor}"
+
+    @property
+    def security_type(self) -> int | None:
+        """1 (None) or 2 (VNC Authentication), once known."""
+        return self._handshake.security
+
+    @property
+    def viewer_buffered(self) -> int:
+        """Viewer bytes held for a partial message; never more than :data:`MAX_BUFFERED`."""
+        return len(self._handshake.vbuf) + len(self._messages.buffer)
+
+    @property
+    def device_buffered(self) -> int:
+        """Device bytes held for a partial handshake message (at most 256)."""
+        return len(self._handshake.dbuf)
+
+    # ------------------------------------------------------------------ streams
+    def from_server(self, data: bytes) -> bytes:
+        """Device-to-viewer bytes in, the bytes to send the viewer out.
+
+        Rewrites only the security-type list; after ServerInit returns ``data`` itself.
+        Raises :class:`RFBFilterError` on a malformed or refused handshake.
+        """
+        if self._handshake.device is DeviceState.RELAY:
+            return data
+        self._usable()
+        try:
+            return self._handshake.device_bytes(data)
+        except RFBFilterError:
+            self._fail()
+            raise
+
+    def from_client(self, data: bytes) -> bytes:
+        """Viewer-to-device bytes in, the bytes to send the device out.
+
+        Passes the handshake (shared flag forced to 1) and, after ClientInit, only the
+        message types in :data:`PASSED_MESSAGE_TYPES` (SetEncodings rewritten). Raises
+        :class:`RFBFilterError` on anything it cannot parse or refuses.
+        """
+        self._usable()
+        try:
+            out = bytearray()
+            view = memoryview(data)
+            pos = 0
+            if self._handshake.viewer is not ViewerState.MESSAGES:
+                pos = self._handshake.viewer_bytes(view, out)
+            if self._handshake.viewer is ViewerState.MESSAGES:
+                self._messages.feed(view, pos, out)
+            return bytes(out)
+        except RFBFilterError:
+            self._fail()
+            raise
+
     # ------------------------------------------------------------------ failure
     def _usable(self) -> None:
-        if self._viewer is ViewerState.FAILED:
+        if self._handshake.viewer is ViewerState.FAILED:
             raise RFBFilterError("the view-only filter already refused this connection")
 
     def _fail(self) -> None:
-        self._viewer = ViewerState.FAILED
-        self._device = DeviceState.FAILED
-        self._vbuf.clear()
-        self._dbuf.clear()
-        self._vskip = self._dleft = 0
+        self._handshake.fail()
+        self._messages.reset()
