@@ -98,8 +98,11 @@ class RelayFactory(Factory):
 
 def _main() -> None:
     from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from secshadow.web.assets import find_novnc
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     from secshadow.web.endpoint import WebViewerEndpoint
 
     parser = argparse.ArgumentParser()

@@ -10,6 +10,7 @@ The endpoint runs in its own process (``secshadow.tests._web_helpers``), as it d
 from __future__ import annotations
 
 import http.server
+import re
 import socket
 import threading
 import time
@@ -51,6 +52,12 @@ def start_endpoint(tmp_path: Path, target_port: int, *extra: str) -> ManagedProc
     return process
 
 
+def assert_clean_log(process: ManagedProcess) -> None:
+    """No traceback and no unhandled error in the endpoint's log (call after stop())."""
+    text = process.log_path.read_text(errors="replace")
+    assert "Traceback" not in text and "Unhandled" not in text, text[-3000:]
+
+
 def page_state(driver: Any, timeout: float = 15.0, want: tuple[str, ...] = ("connected", "failed", "ended")) -> str:
     deadline = time.monotonic() + timeout
     state = None
@@ -82,6 +89,7 @@ def test_the_page_shows_the_devices_real_screen(lab: Lab, browser: Any, tmp_path
         assert endpoint.named("viewer-connected")
     finally:
         endpoint.stop()
+    assert_clean_log(endpoint)
 
 
 def test_the_page_and_its_files_carry_the_security_headers(lab: Lab, tmp_path: Path):
@@ -122,6 +130,7 @@ def test_a_used_link_gets_nothing_the_second_time(lab: Lab, browser: Any, tmp_pa
         assert len(endpoint.named("viewer-connected")) == 1
     finally:
         endpoint.stop()
+    assert_clean_log(endpoint)
 
 
 def test_an_expired_link_gets_nothing(lab: Lab, browser: Any, tmp_path: Path):
@@ -299,3 +308,25 @@ def test_refused_upgrades_never_reach_the_device(lab: Lab, tmp_path: Path):
         assert session.named("viewer-connected") == []
     finally:
         session.stop()
+
+
+def test_a_text_message_closes_the_websocket_with_1003(lab: Lab, tmp_path: Path):
+    endpoint = start_endpoint(tmp_path, lab.xvnc.rfb_port)
+    try:
+        listening = endpoint.named("listening")[0]
+        path = listening["websocket"].split(str(listening["port"]), 1)[1]
+        status, sock = websocket_handshake(listening["port"], path)
+        assert status == 101
+        mask = b"abcd"
+        sock.sendall(b"\x81\x85" + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(b"hello")))
+        received = b""
+        close_1003 = re.compile(rb"\x88[\x02-\x7d]\x03\xeb")  # a close frame with status 1003
+        while not close_1003.search(received):  # RFB from Xvnc may come first
+            chunk = sock.recv(65536)
+            assert chunk, "the connection ended without a 1003 close frame"
+            received += chunk
+        sock.close()
+        endpoint.wait_for("viewer-lost")
+    finally:
+        endpoint.stop()
+    assert_clean_log(endpoint)

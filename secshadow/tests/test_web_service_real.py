@@ -43,6 +43,8 @@ def service(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
                "port": int(listening["url"].rsplit(":", 1)[1].strip("/"))}
     finally:
         process.stop()
+    text = process.log_path.read_text(errors="replace")
+    assert "Traceback" not in text and "Unhandled" not in text, text[-3000:]
 
 
 def call(service: dict[str, Any], method: str, path: str, body: Any = None, cookie: str | None = None,

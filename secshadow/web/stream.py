@@ -63,7 +63,7 @@ class StreamTransport:
 
     # ITransport
     def write(self, data: bytes) -> None:
-        if data and not self.disconnecting and self._ws.is_open:
+        if data and not self.disconnecting and self._ws.opened:
             self._ws.sendMessage(bytes(data), isBinary=True)
 
     def writeSequence(self, data: Any) -> None:
@@ -131,7 +131,7 @@ class RFBWebSocketProtocol(WebSocketServerProtocol):
 
     inner: Protocol
     stream: StreamTransport | None = None
-    is_open = False
+    opened = False
 
     def onConnect(self, request: Any) -> str | None:
         offered = list(request.protocols or [])
@@ -143,19 +143,20 @@ class RFBWebSocketProtocol(WebSocketServerProtocol):
                              "this server speaks RFB in binary messages (subprotocol 'binary')")
 
     def onOpen(self) -> None:
-        self.is_open = True
+        self.opened = True
         self.stream = StreamTransport(self)
         self.inner.makeConnection(self.stream)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not isBinary:
-            self.sendClose(code=1003, reason="binary messages only")
+            # 1003 "unsupported data" is a protocol-level close (RFC 6455 section 7.4.1).
+            self._fail_connection(self.CLOSE_STATUS_CODE_UNSUPPORTED_DATA, "binary messages only")
             return
         if self.stream is not None and not self.stream.disconnecting:
             self.inner.dataReceived(payload)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
-        was_open, self.is_open = self.is_open, False
+        was_open, self.opened = self.opened, False
         super().connectionLost(reason)
         if was_open:
             if reason is None or not reason.check(ConnectionDone, ConnectionLost):
