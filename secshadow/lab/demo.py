@@ -9,6 +9,12 @@ logged in with the UMS account, shadows the device view-only, and real headless 
 opens the page; its screenshot goes next to the snapshot (``browser.png``). Each step is
 printed as it happens.
 
+``--gateway``: the gateway path instead (``docs/gateway.md``): ``secshadow-gateway`` runs
+with TLS, the IMI server puts the console's leg and token into the device's
+``shadowSecret``, the device emulator dials out to the gateway itself (the OS 12 shape),
+and ``secshadow-proxy`` fetches the secret and shadows through the relay, pin and
+``PROCYCMD`` end to end inside it; the snapshot is ``gateway.png``.
+
 Run: ``bin/secshadow-demo`` (after ``bin/setup-debian``).
 """
 
@@ -100,6 +106,54 @@ def _browser_path(lab: Any, screenshot: Path) -> None:
         web.stop()
 
 
+def _gateway_path(lab: Any, snapshot: Path) -> int:
+    """The device emulator dials out to the lab's gateway; secshadow-proxy fetches the
+    secret (which names the gateway leg and carries the console token) and saves one
+    frame through the relay. Returns the proxy's exit status."""
+    assert lab.gateway is not None
+    _say(f"a device emulator dials out to the gateway (session {lab.gateway_sid}), as an OS 12 device would")
+    started = time.monotonic()
+    device = lab.start_dialing_device(lab.gateway, lab.gateway_sid)
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    argv = lab.proxy_argv("--json", "--snapshot", str(snapshot), *lab.gateway.trust_args())
+    _say(f"running secshadow-proxy {' '.join(argv[2:])}")
+    proxy = ManagedProcess("gateway-proxy", argv, lab.workdir, env=child_environment())
+    first_frame = None
+    try:
+        for name in ("secret", "pinned", "listening", "viewer-connected", "session-started"):
+            try:
+                event = proxy.wait_for(name, timeout=60)
+            except LabError:
+                break
+            elapsed = time.monotonic() - started
+            _say(f"+{elapsed:5.2f} s  {name}: { {k: v for k, v in event.items() if k != 'event'} }")
+            if name == "session-started":
+                first_frame = elapsed
+        status = proxy.process.wait(timeout=120)
+        total = time.monotonic() - started
+    finally:
+        proxy.stop()
+    for event in proxy.named("closed") + proxy.named("error"):
+        _say(f"+{total:5.2f} s  {event['event']}: { {k: v for k, v in event.items() if k != 'event'} }")
+    if status == 0:  # the device's session ends with the proxy's; give it a moment to say so
+        try:
+            device.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+    device.stop()
+    gateway_events = [e for e in lab.gateway.process.events if e.get("event") in ("paired", "closed")]
+    for event in gateway_events:
+        _say(f"gateway: {event}")
+    if status != 0:
+        _say(f"secshadow-proxy exited {status}; its messages:\n{proxy.log_tail(30)}")
+    else:
+        _say(f"snapshot of the device's screen through the gateway saved to {snapshot} (device dial-out to "
+             f"first RFB byte {first_frame or 0:.2f} s, to saved frame {total:.2f} s)")
+    verdicts = [e.get("accepted") for e in device.named("procycmd")]
+    _say(f"the dialing device saw {len(verdicts)} PROCYCMD command(s), accepted: {verdicts}")
+    return status
+
+
 def _web_call(port: int, path: str, body: dict[str, Any], cookie: str | None = None) -> Any:
     """One JSON POST to secshadow-web; returns the session cookie for /api/login, else
     the decoded answer. ValueError with the service's message on an error status."""
@@ -126,6 +180,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the snapshot PNG goes (default: %(default)s)")
     parser.add_argument("--no-browser", action="store_true",
                         help="skip the browser path (secshadow-web and headless Chromium)")
+    parser.add_argument("--gateway", action="store_true",
+                        help="the gateway path instead: the device dials out to secshadow-gateway, the proxy "
+                             "shadows through it (snapshot: gateway.png next to --snapshot)")
     args = parser.parse_args(argv)
 
     mode = args.viewer
@@ -137,11 +194,20 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
     try:
-        lab = start_lab(progress=_say)
+        lab = start_lab(progress=_say, gateway=args.gateway)
     except (LabError, XvncError) as e:
         _say(f"could not start the lab: {e}")
         sys.exit(1)
     status = 1
+    if args.gateway:
+        try:
+            status = _gateway_path(lab, Path(args.snapshot).with_name("gateway.png"))
+        except (LabError, subprocess.TimeoutExpired) as e:
+            _say(f"demo failed: {e}")
+        finally:
+            _say("stopping the gateway, the device emulator, the IMI server and Xvnc")
+            lab.stop()
+        sys.exit(status)
     try:
         extra = ["--json"]
         if mode == "snapshot":
