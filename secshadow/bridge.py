@@ -135,8 +135,8 @@ class Bridge:
     def start(self) -> None:
         """Send the command and wait for the hello; call once."""
         self.viewer.bridge = self
-        self.link.attach(self)
         self._hello = HelloParser()
+        self.link.attach(self)
         try:
             self.link.send_command(self._command)
         except PinMismatch as e:

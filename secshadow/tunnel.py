@@ -55,8 +55,11 @@ class DeviceLink(Protocol):
     pin was re-checked, or failing with the mapped error. :meth:`when_lost`: a
     Deferred that fires when the connection is gone, whatever the reason.
     ``tls_version`` / ``cipher``: what was negotiated (set when ready).
-    Bytes that arrive before a listener is attached are kept (at most
-    :attr:`MAX_EARLY_BYTES`; beyond that the device misbehaves and is dropped, logged once).
+    Bytes that arrive before a listener is attached (before ``PROCYCMD``, when a device
+    has nothing to say) are discarded (``docs/protocol.md`` section 2, step 7) and said
+    once per link, with their count, when that phase ends: at :meth:`attach`, when the
+    connection is lost, or when more than :attr:`MAX_EARLY_BYTES` came (a flooding device
+    is then dropped). A flood never becomes a flood of log lines.
     """
 
     MAX_EARLY_BYTES = 4096
@@ -70,7 +73,10 @@ class DeviceLink(Protocol):
         self.tls_version = ""
         self.cipher = ""
         self._listener: DeviceListener | None = None
-        self._early = b""
+        #: Bytes received before a listener was attached (discarded), and whether that
+        #: has been said.
+        self.early_bytes = 0
+        self._early_said = False
         self.bytes_received = 0
 
     @property
@@ -100,17 +106,15 @@ class DeviceLink(Protocol):
         if self._listener is not None:
             self._listener.device_data(self, data)
             return
-        if self._early is None:
-            return  # already dropped for flooding; the abort is under way
-        self._early += data
-        if len(self._early) > self.MAX_EARLY_BYTES:
-            # Said once: a flooding device must not flood the log too.
-            log.warn("the device sent {n} bytes before PROCYCMD; closing it", n=len(self._early))
-            self._early = None  # type: ignore[assignment]
+        self.early_bytes += len(data)
+        if self.early_bytes > self.MAX_EARLY_BYTES and not self._early_said:
+            self._say_early("closing the connection")
             self._tls.abortConnection()
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:  # type: ignore[override]
         self.connected_ = False
+        if self._listener is None:
+            self._say_early("discarded them")
         if self.ready is not None:
             self._fail_ready(self._handshake_error(reason))
         elif self._listener is not None:
@@ -131,11 +135,10 @@ class DeviceLink(Protocol):
         return self._lost.when_done()
 
     def attach(self, listener: DeviceListener | None) -> None:
-        """Route further device bytes to ``listener``; replays bytes kept so far."""
+        """Route further device bytes to ``listener`` (bytes that came before were
+        discarded: they are no answer to a command not yet sent)."""
+        self._say_early("discarded them")
         self._listener = listener
-        early, self._early = self._early or b"", b""
-        if early and listener is not None:
-            listener.device_data(self, early)
 
     def send_command(self, command: bytes) -> None:
         """Re-check the pin, then write ``command`` (it holds the password).
@@ -159,6 +162,13 @@ class DeviceLink(Protocol):
             self.transport.loseConnection()  # type: ignore[union-attr]
 
     # -- internals ---------------------------------------------------------
+    def _say_early(self, outcome: str) -> None:
+        """One warning per link for everything it sent before PROCYCMD."""
+        if self.early_bytes and not self._early_said:
+            self._early_said = True
+            log.warn("the device sent {n} bytes before PROCYCMD, when it has nothing to say; {outcome}",
+                     n=self.early_bytes, outcome=outcome)
+
     def _fail_ready(self, error: SecShadowError) -> None:
         ready, self.ready = self.ready, None
         if ready is not None:
