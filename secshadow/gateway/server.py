@@ -59,6 +59,8 @@ from secshadow.relay import push_producer_of
 
 log = Logger(namespace="secshadow.gateway")
 
+#: Largest upgrade request (request line and headers) accepted, bytes; a token is at most 4 KiB.
+MAX_REQUEST_HEAD = 16 * 1024
 #: Seconds a connection has for TLS and the WebSocket upgrade together.
 OPEN_HANDSHAKE_TIMEOUT = 10.0
 #: Seconds the gateway waits for a leg to answer its close frame before dropping it.
@@ -143,6 +145,11 @@ class GatewayLeg(WebSocketServerProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.last_rx = self.gateway.clock.seconds()
+        if self.state == self.STATE_CONNECTING and len(self.data) + len(data) > MAX_REQUEST_HEAD:
+            # autobahn would buffer an upgrade request of any size until its blank line.
+            self.gateway.refused("", "", Refusal(431, "request header too large"), str(self.peer or "?"))
+            self.failHandshake("request header too large", 431)
+            return
         super().dataReceived(data)
 
     def onConnect(self, request: Any) -> None:

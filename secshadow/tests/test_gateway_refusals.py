@@ -182,6 +182,13 @@ def test_a_path_that_is_not_a_leg_is_404(gateway: GatewayProcess) -> None:
     assert_refused_on_the_wire(RawLeg(gateway, "/v1/sessions/S1/viewer", mint(gateway, "S1", "console")), 404)
 
 
+def test_an_oversized_upgrade_request_is_431(gateway: GatewayProcess) -> None:
+    leg = RawLeg(gateway, path("big", "console"), mint(gateway, "big", "console"),
+                 extra_headers="X-Padding: " + "a" * 20000 + "\r\n")
+    assert leg.head.startswith("HTTP/1.1 431 request header too large")
+    assert_refused_on_the_wire(leg, 431)
+
+
 def test_a_role_already_connected_is_409(gateway: GatewayProcess) -> None:
     sid = "refuse-taken"
     first = RawLeg(gateway, path(sid, "console"), mint(gateway, sid, "console"))
