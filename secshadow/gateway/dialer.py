@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from OpenSSL import SSL
@@ -500,6 +500,31 @@ def gateway_endpoint(reactor: Any, url: str, token: str, trust: UMSTrust, timeou
     """
     target = parse_gateway_url(url)
     return _endpoint(reactor, target, token, trust, timeout)
+
+
+#: Seconds by which :func:`gateway_endpoint_factory` makes the endpoint's own deadline
+#: come before ``connect_pinned``'s, so a pairing timeout is reported as the gateway's.
+DEADLINE_MARGIN = 0.25
+
+
+def gateway_endpoint_factory(reactor: Any, url: str, token: str, trust: UMSTrust) -> Callable[
+        [str, int, float], IStreamClientEndpoint]:
+    """An ``endpoint_factory`` for :func:`secshadow.tunnel.connect_pinned` /
+    ``PinnedDialer``: ``(host, port, timeout) -> gateway_endpoint(...)`` whose deadline
+    ends :data:`DEADLINE_MARGIN` seconds before ``connect_pinned``'s own (same
+    ``timeout``), so a device side that never joins fails with this module's
+    :class:`GatewayError` (exit 9) rather than ``connect_pinned``'s "device unreachable"
+    (exit 4). ``host``/``port`` are ignored: the URL names the way. The URL and token are
+    checked now (:class:`~secshadow.errors.UsageError`). A token is single use: a second
+    connect needs a new one.
+    """
+    target = parse_gateway_url(url)
+    _endpoint(reactor, target, token, trust, 1.0)  # validate now, not at the first connect
+
+    def make(host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+        return _endpoint(reactor, target, token, trust, max(timeout - DEADLINE_MARGIN, timeout / 2))
+
+    return make
 
 
 def _endpoint(reactor: Any, target: GatewayURL, token: str, trust: UMSTrust, timeout: float) -> GatewayEndpoint:

@@ -297,3 +297,22 @@ async def test_the_console_sees_each_failure_as_a_gateway_error_saying_which(gat
     leftovers = [c for c in reactor.getDelayedCalls()  # type: ignore[attr-defined]
                  if "_Attempt" in repr(c.func) or "_ClientLeg" in repr(c.func)]
     assert leftovers == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_pinned_reports_a_device_that_never_joins_as_exit_9(gateway: GatewayProcess) -> None:
+    from twisted.internet import reactor
+
+    from secshadow.gateway.dialer import gateway_endpoint_factory
+    from secshadow.lab import certs
+    from secshadow.tunnel import connect_pinned
+    from secshadow.umstrust import UMSTrust
+
+    factory = gateway_endpoint_factory(reactor, gateway.leg_url("nobody-joins", "console"),
+                                       mint(gateway, "nobody-joins", "console"), UMSTrust.from_fingerprint(gateway.fingerprint))
+    pin = certs.der_of(certs.generate_self_signed()[0])
+    with pytest.raises(GatewayError) as caught:
+        await connect_pinned(reactor, "gateway", 0, pin, timeout=1.5, endpoint_factory=factory)
+    assert caught.value.exit_code == 9
+    assert caught.value.message == ("pairing timeout: the device side did not join gateway session nobody-joins "
+                                    "within 1.25 s")
