@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     view = parser.add_argument_group("the viewer")
     view.add_argument("--viewer", metavar="NAME", default="auto",
-                      help=f"auto, none, or one of: {', '.join(VIEWERS)}")
+                      help=f"auto, none, browser, or one of: {', '.join(VIEWERS)}")
     view.add_argument("--viewer-command", metavar="TEMPLATE",
                       help="custom viewer command with {host} {port} {display} {title}")
     view.add_argument("--view-only", action="store_true",
@@ -136,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--snapshot", metavar="FILE",
                       help="instead of a viewer, save one full frame through the tunnel as PNG and exit")
     view.add_argument("--json", action="store_true", help="JSON events on standard output, one per line")
+    web = parser.add_argument_group("the browser (--web, --viewer browser; docs/web.md)")
+    web.add_argument("--web", action="store_true",
+                     help="serve a browser instead of raw RFB: a page with noVNC and RFB over a WebSocket; "
+                          "the 'listening' event gains 'url' and 'websocket' (single-use token, 60 s)")
+    web.add_argument("--novnc", metavar="DIR", help="where noVNC (npm @novnc/novnc) is installed "
+                     "(default: $SECSHADOW_NOVNC, then the place bin/setup-debian installs it)")
+    web.add_argument("--web-frame-ancestors", metavar="ORIGINS",
+                     help="origins allowed to embed the page in a frame (CSP frame-ancestors; default: none)")
+    web.add_argument("--web-origin", metavar="ORIGIN", action="append", default=[],
+                     help="another Origin allowed to open the WebSocket (a console running its own noVNC); "
+                          "repeatable")
     parser.add_argument("--control", choices=["stdio"],
                         help="long-running mode: JSON-lines requests on stdin open and close many sessions "
                              "(see docs/cli.md, Control mode)")
@@ -274,6 +285,12 @@ def _check_arguments(args: argparse.Namespace) -> None:
     elif args.ums_user or args.ums_ca or args.ums_fingerprint or args.ums_insecure or args.ums_password_file:
         raise UsageError("--ums-user/--ums-ca/--ums-fingerprint/--ums-insecure/--ums-password-file need --ums")
     explicit_viewer = args.viewer != "auto"
+    if args.web and args.viewer not in ("auto", "none", "browser"):
+        raise UsageError(f"--web serves a browser, not --viewer {args.viewer}: use --viewer browser or --viewer none")
+    if args.web and (args.snapshot or args.viewer_command):
+        raise UsageError("--web serves a browser: it does not go with --snapshot or --viewer-command")
+    if args.web and args.viewer == "auto":
+        args.viewer = "none"  # --web alone: the console opens the page itself
     if sum((bool(args.snapshot), bool(args.viewer_command), explicit_viewer)) > 1:
         raise UsageError("choose one of --viewer NAME, --viewer-command TEMPLATE or --snapshot FILE")
     if args.viewer_command:
@@ -332,6 +349,8 @@ def _viewer_name(args: argparse.Namespace) -> str:
         return "snapshot"
     if args.viewer_command:
         return "custom"
+    if args.web and args.viewer == "none":
+        return "browser"
     return str(args.viewer)
 
 
@@ -376,6 +395,23 @@ class SnapshotViewer:
         if not self._ended.done:
             self._running.cancel()
         return self.wait().addCallback(lambda _: None)
+
+
+def _viewer_side(reactor: Any, args: argparse.Namespace, options: SessionOptions,
+                 holder: dict[str, Any]) -> tuple[Any, ViewerLauncher | None]:
+    """(viewer endpoint or ``None`` for ``--listen``, viewer launcher or ``None``),
+    checked now: a missing viewer or noVNC, or a bad endpoint, fails before a one-time
+    password is fetched."""
+    if args.web or args.viewer == "browser":
+        from secshadow.web.side import browser_side
+
+        return browser_side(reactor, options, open_browser=args.viewer == "browser", novnc=args.novnc,
+                            frame_ancestors=args.web_frame_ancestors, origins=args.web_origin)
+    try:
+        serverFromString(reactor, options.listen)
+    except Exception as e:  # noqa: BLE001 - parsers raise anything (ssl: reads files); all mean "bad flag"
+        raise UsageError(f"--listen {options.listen!r} is not a server endpoint: {e}") from None
+    return None, _make_launcher(reactor, args, holder)
 
 
 def _make_launcher(reactor: Any, args: argparse.Namespace, holder: dict[str, Any]) -> ViewerLauncher | None:
@@ -429,12 +465,8 @@ async def _run_checked(reactor: Any, args: argparse.Namespace, output: Output, s
     # Check everything that can be checked before a one-time password is fetched
     # (each fetch spends one): the viewer and the listener endpoint.
     holder: dict[str, Any] = {}
-    launcher = _make_launcher(reactor, args, holder)
-    try:
-        serverFromString(reactor, args.listen)
-    except Exception as e:  # noqa: BLE001 - parsers raise anything (ssl: reads files); all mean "bad flag"
-        raise UsageError(f"--listen {args.listen!r} is not a server endpoint: {e}") from None
     options = session_options(args)
+    endpoint, launcher = _viewer_side(reactor, args, options, holder)
     audit = _audit_log(args)
 
     def on_event(event: events.Event) -> None:
@@ -446,7 +478,7 @@ async def _run_checked(reactor: Any, args: argparse.Namespace, output: Output, s
     if args.viewer == "none" and not args.snapshot and not args.viewer_command:
         output.say("--viewer none: connect your viewer to the port in the 'listening' event")
     shadowing = start_shadowing(reactor, source, options, on_event=on_event, viewer=launcher,
-                                viewer_name=_viewer_name(args), audit=audit)
+                                viewer_name=_viewer_name(args), viewer_endpoint=endpoint, audit=audit)
     stopping["shadowing"] = shadowing
     if stopping["reason"]:
         shadowing.stop(stopping["reason"])
@@ -458,7 +490,8 @@ async def _run_checked(reactor: Any, args: argparse.Namespace, output: Output, s
     snapshot: SnapshotViewer | None = holder.get("snapshot")
     if snapshot is not None and stopping["reason"] is None:
         if snapshot.error is not None:
-            raise ViewerError(f"--snapshot failed: {snapshot.error or type(snapshot.error).__name__}")
+            # str() of some exceptions is empty (CancelledError): never end on "failed: ".
+            raise ViewerError(f"--snapshot failed: {str(snapshot.error) or type(snapshot.error).__name__}")
         if snapshot.size is None:
             raise ViewerError("--snapshot: the session ended before a full frame arrived")
         output.say(f"saved a {snapshot.size[0]}x{snapshot.size[1]} snapshot to {args.snapshot}")
@@ -493,7 +526,8 @@ async def _run_control(reactor: Any, args: argparse.Namespace, output: Output, i
     defaults = session_options(args)
     audit = _audit_log(args)
     controller, close = serve_stdio(
-        reactor, lambda write: Controller(reactor, write, output.say, defaults, ums, audit=audit))
+        reactor, lambda write: Controller(reactor, write, output.say, defaults, ums, audit=audit, web={
+            "novnc": args.novnc, "frame_ancestors": args.web_frame_ancestors, "origins": args.web_origin}))
     if install_signals:
         _install_signals(reactor, controller.shutdown)
     output.say("control mode: reading JSON requests on standard input")

@@ -51,7 +51,7 @@ _OPTION_KEYS = ("tls_profile", "procy_terminator", "listen", "connect_timeout", 
                 "hello_timeout", "idle_timeout", "max_viewers", "view_only", "device_host", "device_port")
 
 #: Every key an ``open`` request may carry.
-_OPEN_KEYS = frozenset({"op", "session", "device", "secret", "viewer", "viewer_command", "full_screen",
+_OPEN_KEYS = frozenset({"op", "session", "device", "secret", "viewer", "viewer_command", "full_screen", "web",
                         *_OPTION_KEYS})
 
 
@@ -110,13 +110,14 @@ class Controller:
 
     def __init__(self, reactor: Any, write_line: Callable[[str], None], say: Callable[[str], None],
                  defaults: SessionOptions, ums: Callable[[str], IMISource] | None,
-                 audit: AuditLog | None = None) -> None:
+                 audit: AuditLog | None = None, web: dict[str, Any] | None = None) -> None:
         self._reactor = reactor
         self._write_line = write_line
         self._say = say
         self._defaults = defaults
         self._ums = ums
         self._audit = audit
+        self._web = web or {}  # --novnc, --web-frame-ancestors, --web-origin of the process
         self.sessions: dict[str, Shadowing] = {}
         self._listening: dict[str, dict[str, Any]] = {}
         self.finished: Deferred[None] = Deferred()
@@ -183,7 +184,7 @@ class Controller:
         options = SessionOptions.from_mapping({k: request[k] for k in _OPTION_KEYS if k in request},
                                               base=self._defaults)
         source = self._source(request)
-        viewer = self._viewer(request)
+        endpoint, viewer = self._viewer_side(request, options)
 
         def on_event(event: events.Event) -> None:
             payload = {**event.as_dict(), "session": session}
@@ -192,8 +193,7 @@ class Controller:
             self._send(payload)
 
         shadowing = start_shadowing(self._reactor, source, options, on_event=on_event, viewer=viewer,
-                                    viewer_name=str(request.get("viewer_command") and "custom"
-                                                    or request.get("viewer", "none")),
+                                    viewer_name=_viewer_name(request), viewer_endpoint=endpoint,
                                     audit=self._audit)
         self.sessions[session] = shadowing
         self._say(f"[{session}] opened")
@@ -210,6 +210,20 @@ class Controller:
         if not isinstance(device, (str, int)) or isinstance(device, bool):
             raise UsageError("'device' must be an IMI id")
         return self._ums(str(device))
+
+    def _viewer_side(self, request: dict[str, Any], options: SessionOptions) -> tuple[Any, Any]:
+        """(viewer endpoint or ``None``, launcher or ``None``) for one ``open`` request."""
+        web = request.get("web", False)
+        if not isinstance(web, bool):
+            raise UsageError("'web' must be true or false")
+        if web or request.get("viewer") == "browser":
+            if request.get("viewer", "none") not in ("none", "browser") or "viewer_command" in request:
+                raise UsageError("'web' serves a browser: use 'viewer': 'browser' or 'none'")
+            from secshadow.web.side import browser_side
+
+            return browser_side(self._reactor, options, open_browser=request.get("viewer") == "browser",
+                                **self._web)
+        return None, self._viewer(request)
 
     def _viewer(self, request: dict[str, Any]) -> Any:
         name = request.get("viewer", "none")
@@ -260,6 +274,15 @@ class Controller:
             if not self.sessions and not self.finished.called:
                 self.finished.callback(None)
         return self.finished
+
+
+def _viewer_name(request: dict[str, Any]) -> str:
+    """The viewer's name for the audit record."""
+    if request.get("viewer_command"):
+        return "custom"
+    if request.get("web") is True:
+        return "browser"
+    return str(request.get("viewer", "none"))
 
 
 def serve_stdio(reactor: Any, controller_factory: Callable[[Callable[[str], None]], Controller]

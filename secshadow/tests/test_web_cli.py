@@ -1,0 +1,96 @@
+"""``secshadow-proxy --web`` as a console runs it: the real CLI fetches the secret from the
+lab's IMI server, pins the emulator in front of a real Xvnc, and a real headless Chromium
+opens the ``url`` of the ``listening`` event and shows the device's screen."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from secshadow.lab.harness import Lab, child_environment
+from secshadow.tests._web_helpers import chromium, wait_for_pixel
+from secshadow.tests.conftest import require_program
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    require_program("chromium")
+    require_program("chromedriver")
+    driver = chromium(tmp_path / "chromium-profile")
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _proxy(lab: Lab, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(lab.proxy_argv("--viewer", "none", "--json", *extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_environment())
+
+
+def _events_until(process: subprocess.Popen[str], name: str, timeout: float = 30) -> list[dict[str, Any]]:
+    assert process.stdout is not None
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        seen.append(json.loads(line))
+        if seen[-1]["event"] in (name, "error"):
+            return seen
+    raise AssertionError(f"no {name!r} event: {seen}")
+
+
+def test_web_listening_event_and_the_page_shows_the_device(lab: Lab, browser: Any, tmp_path: Path):
+    before = len(lab.device.named("procycmd"))
+    audit = tmp_path / "audit.jsonl"
+    started = time.monotonic()
+    process = _proxy(lab, "--web", "--view-only", "--audit", str(audit))
+    try:
+        listening = _events_until(process, "listening")[-1]
+        assert listening["event"] == "listening", listening
+        assert listening["url"].startswith(f"http://127.0.0.1:{listening['port']}/")
+        assert listening["websocket"].startswith(f"ws://127.0.0.1:{listening['port']}/")
+        assert listening["view_only"] is True
+        token = listening["websocket"].rsplit("token=", 1)[1].split("&")[0]
+        assert len(token) >= 22 and token in listening["url"]  # 128 bits, base64url
+        browser.get(listening["url"])
+        x, y = lab.xvnc.background_point
+        wait_for_pixel(browser, "#screen", x, y, lab.xvnc.background_rgb)
+        print(f"secshadow-proxy --web: start to first frame in the browser {time.monotonic() - started:.2f} s")
+        names = [e["event"] for e in _events_until(process, "session-started")]
+        assert names[-2:] == ["viewer-connected", "session-started"]
+        browser.close()  # closing the tab ends the session
+        closed = _events_until(process, "closed")[-1]
+        # noVNC asks for compressed encodings: the blue screen is a few hundred bytes.
+        assert closed["event"] == "closed" and closed["bytes_to_viewer"] > 100 and closed["bytes_to_device"] > 0
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.communicate()
+    assert lab.device.named("procycmd")[before:] == [{"event": "procycmd", "accepted": True, "reason": "ok"}]
+    (record,) = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert (record["viewer"], record["view_only"], record["result"]) == ("browser", True, "ok")
+    assert token not in audit.read_text()
+
+
+def test_web_with_a_native_viewer_is_a_usage_error(lab: Lab):
+    process = _proxy(lab, "--web", "--viewer", "tigervnc")
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert "--web serves a browser" in err
+
+
+def test_missing_novnc_is_a_usage_error_that_says_how_to_install_it(lab: Lab, tmp_path: Path):
+    process = _proxy(lab, "--web", "--novnc", str(tmp_path))
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert "npm" in err
