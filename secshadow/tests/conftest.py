@@ -40,3 +40,42 @@ def lab() -> Iterator[object]:
 
     with start_lab() as running:
         yield running
+
+
+@pytest.fixture(autouse=True)
+def unit_tests_open_no_real_socket(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test not marked ``integration`` must not bind or connect a real socket: the
+    fast half stays fast and deterministic (DESIGN.md: fakes below, real programs
+    above). ``socketpair`` (Twisted's waker, in-memory pairs) stays allowed."""
+    if request.node.get_closest_marker("integration") is not None:
+        return
+    import socket
+
+    def refuse(self: socket.socket, *args: object, **kwargs: object) -> None:
+        raise AssertionError("a unit test used a real socket: mark it @pytest.mark.integration")
+
+    for name in ("bind", "connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, refuse)
+
+
+@pytest.fixture(autouse=True)
+def no_unhandled_deferred_errors() -> Iterator[None]:
+    """Fail any test that leaves an unhandled error in a Deferred (Twisted logs it when
+    the Deferred is garbage-collected), as magic-wormhole's ``observe_errors`` does."""
+    import gc
+
+    from twisted.logger import globalLogPublisher
+
+    seen: list[str] = []
+
+    def observer(event: dict[str, object]) -> None:
+        if event.get("log_failure") is not None and "Unhandled error in Deferred" in str(event.get("log_format", "")):
+            seen.append(str(event["log_failure"]))
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield
+        gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert seen == [], f"unhandled error(s) in a Deferred: {seen}"

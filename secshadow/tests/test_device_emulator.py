@@ -74,6 +74,7 @@ async def stop_rig(rig: Rig) -> None:
     await sleep(rig.reactor, 0.01)
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_good_password_relays_the_vnc_server(device_pair: tuple[bytes, bytes]) -> None:
     rig = await start_rig(device_pair, vnc_extra=b"\x00" * 200_000)
@@ -98,6 +99,7 @@ async def test_good_password_relays_the_vnc_server(device_pair: tuple[bytes, byt
         await stop_rig(rig)
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_wrong_password_closes_without_a_byte(device_pair: tuple[bytes, bytes]) -> None:
     rig = await start_rig(device_pair)
@@ -114,6 +116,7 @@ async def test_wrong_password_closes_without_a_byte(device_pair: tuple[bytes, by
         await stop_rig(rig)
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_password_is_valid_once(device_pair: tuple[bytes, bytes]) -> None:
     rig = await start_rig(device_pair)
@@ -146,6 +149,7 @@ class ManualChecker:
         return waiting
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("terminator", [b"\n", b"\r\n"])
 @pytest.mark.parametrize("when", ["same-segment", "during-check", "after-hello", "split-crlf"])
 @pytest_twisted.ensureDeferred
@@ -186,6 +190,7 @@ async def test_terminators(device_pair: tuple[bytes, bytes], terminator: bytes, 
         await stop_rig(rig)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("terminator", [b"\n", b"\r\n"])
 @pytest_twisted.ensureDeferred
 async def test_firmware_that_requires_a_terminator(device_pair: tuple[bytes, bytes], terminator: bytes) -> None:
@@ -205,6 +210,7 @@ async def test_firmware_that_requires_a_terminator(device_pair: tuple[bytes, byt
         await stop_rig(rig)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "garbage",
     [b"GET / HTTP/1.1\r\n\r\n", b"RFB 003.008\n", b"PROCYCMD PW_" + b"\x00" * 36, b"procycmd pw_x"],
@@ -225,6 +231,7 @@ async def test_garbage_command_is_closed(device_pair: tuple[bytes, bytes], garba
         await stop_rig(rig)
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_silent_console_times_out(device_pair: tuple[bytes, bytes]) -> None:
     profile = dataclasses.replace(get_profile("current"), command_timeout=0.3)
@@ -240,6 +247,7 @@ async def test_silent_console_times_out(device_pair: tuple[bytes, bytes]) -> Non
         await stop_rig(rig)
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_checker_error_counts_as_refusal(device_pair: tuple[bytes, bytes]) -> None:
     def broken(password: str) -> defer.Deferred[bool]:
@@ -256,6 +264,7 @@ async def test_checker_error_counts_as_refusal(device_pair: tuple[bytes, bytes])
         await stop_rig(rig)
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_local_user_refuses(device_pair: tuple[bytes, bytes]) -> None:
     profile = dataclasses.replace(get_profile("current-refuse"), refuse_after=0.2)
@@ -271,6 +280,7 @@ async def test_local_user_refuses(device_pair: tuple[bytes, bytes]) -> None:
         await stop_rig(rig)
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_consent_delay(device_pair: tuple[bytes, bytes]) -> None:
     profile = dataclasses.replace(get_profile("current-consent"), consent_delay=0.3)
@@ -288,6 +298,7 @@ async def test_consent_delay(device_pair: tuple[bytes, bytes]) -> None:
         await stop_rig(rig)
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_vnc_server_down_closes_silently(device_pair: tuple[bytes, bytes]) -> None:
     from twisted.internet import reactor
@@ -307,6 +318,7 @@ async def test_vnc_server_down_closes_silently(device_pair: tuple[bytes, bytes])
         await stop_rig(rig)
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_tls13_only_firmware_refuses_tls12(device_pair: tuple[bytes, bytes]) -> None:
     rig = await start_rig(device_pair, profile=get_profile("tls13-only"))
@@ -322,6 +334,7 @@ async def test_tls13_only_firmware_refuses_tls12(device_pair: tuple[bytes, bytes
         await stop_rig(rig)
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_stop_closes_open_connections(device_pair: tuple[bytes, bytes]) -> None:
     rig = await start_rig(device_pair)

@@ -323,6 +323,7 @@ async def test_logs_progress_but_never_secrets():
     assert "JSESSIONID" not in text
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_connection_refused_names_the_url():
     port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
@@ -335,6 +336,7 @@ async def test_connection_refused_names_the_url():
     assert f"https://127.0.0.1:{number}/umsapi/v3/login" in info.value.message
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_silent_server_times_out():
     port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")

@@ -273,6 +273,7 @@ def _sleep(seconds: float) -> defer.Deferred[None]:
     return task.deferLater(reactor, seconds, lambda: None)
 
 
+@pytest.mark.integration
 @pytest_twisted.inlineCallbacks
 def test_backpressure_on_real_sockets_bounds_memory_and_loses_nothing():
     # Pair 1: writer -> left end of the splice.  Pair 2: right end of the splice -> reader.

@@ -80,6 +80,7 @@ def _echo(conn: DeviceConn) -> None:
         pass
 
 
+@pytest.mark.integration
 @pytest_twisted.inlineCallbacks
 @pytest.mark.parametrize("case, expected, reason", [
     ("drop during TLS", 5, None),
@@ -155,6 +156,7 @@ def _login_ok(index: int, request: bytes) -> bytes:
                          extra="Set-Cookie: JSESSIONID=abc; Path=/umsapi/; Secure; HttpOnly\r\n")
 
 
+@pytest.mark.integration
 @pytest_twisted.inlineCallbacks
 @pytest.mark.parametrize("case", ["slow", "500 on login", "500 on the secret", "garbage on the secret",
                                   "not HTTP at all", "closes without an answer"])
@@ -193,6 +195,7 @@ def _threads() -> int:
     return threading.active_count()
 
 
+@pytest.mark.integration
 @pytest_twisted.inlineCallbacks
 def test_sessions_leave_no_fds_threads_processes_or_memory_behind():
     import os

@@ -10,6 +10,8 @@ The number of inputs tried is printed (``-s``) and asserted.
 
 from __future__ import annotations
 
+import pytest
+
 import random
 import uuid
 from typing import Any
@@ -70,6 +72,7 @@ def _expected(data: bytes, ending: str) -> int:
     return 7  # closed, half-closed or silent before a whole hello (timeout)
 
 
+@pytest.mark.integration
 @pytest_twisted.inlineCallbacks
 def test_fuzz_device_bytes_after_the_command():
     rng = random.Random(SEED)
@@ -135,6 +138,7 @@ def _viewer_inputs(rng: random.Random) -> list[tuple[bytes, int, bool]]:
     return out
 
 
+@pytest.mark.integration
 @pytest_twisted.inlineCallbacks
 def test_fuzz_viewer_bytes_before_the_hello():
     rng = random.Random(SEED + 1)

@@ -176,6 +176,7 @@ def test_ums_password_cannot_be_given_on_argv_and_is_not_echoed():
     assert secret not in run.stdout + run.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("how", ["file", "environment"])
 def test_ums_password_comes_from_a_file_or_the_environment(tmp_path: Path, how: str):
     leaf = make_leaf()
@@ -232,6 +233,7 @@ def _session_outcome(secret: ShadowSecret, port: int, **options: Any) -> tuple[D
     return session.start(), seen
 
 
+@pytest.mark.integration
 @pytest_twisted.inlineCallbacks
 def test_library_events_logs_exceptions_and_tracebacks_never_hold_the_password():
     import socket

@@ -5,6 +5,8 @@ users out entirely (see docs/security.md, "Other local users")."""
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import socket
 import stat
@@ -34,6 +36,7 @@ def _screen(conn: DeviceConn) -> None:
         pass
 
 
+@pytest.mark.integration
 @pytest_twisted.inlineCallbacks
 def test_default_listener_is_loopback_and_a_second_viewer_gets_nothing():
     device = ScriptedDevice(CERT, KEY, _screen)
@@ -68,6 +71,7 @@ def test_default_listener_is_loopback_and_a_second_viewer_gets_nothing():
     assert [e.name for e in run.events].count("viewer-connected") == 1
 
 
+@pytest.mark.integration
 @pytest_twisted.inlineCallbacks
 def test_a_non_loopback_listener_is_warned_about():
     device = ScriptedDevice(CERT, KEY, _screen)
@@ -84,6 +88,7 @@ def test_a_non_loopback_listener_is_warned_about():
     assert warnings and "not on loopback" in warnings[0].message
 
 
+@pytest.mark.integration
 @pytest_twisted.inlineCallbacks
 def test_unix_socket_listener_with_mode_0600(tmp_path: Path):
     private = tmp_path / "private"

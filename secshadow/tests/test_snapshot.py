@@ -104,6 +104,7 @@ async def serve(mode: str) -> Any:
     return reactor.listenTCP(0, Factory.forProtocol(lambda: FakeRFBServer(mode)), interface="127.0.0.1")  # type: ignore[attr-defined]
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_snapshot_of_a_fake_rfb_server(tmp_path: Path) -> None:
     from twisted.internet import reactor
@@ -120,6 +121,7 @@ async def test_snapshot_of_a_fake_rfb_server(tmp_path: Path) -> None:
         await port.stopListening()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("mode", "message"),
     [
@@ -144,6 +146,7 @@ async def test_snapshot_failures(tmp_path: Path, mode: str, message: str) -> Non
         await port.stopListening()
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_snapshot_connection_refused(tmp_path: Path) -> None:
     from twisted.internet import reactor
@@ -195,6 +198,7 @@ def umask_022():
         os.umask(old)
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_snapshot_file_is_private_whatever_the_umask(tmp_path: Path, umask_022: None) -> None:
     """The PNG shows the device's screen: mode 0600 under umask 022, also when it replaces
@@ -211,6 +215,7 @@ async def test_snapshot_file_is_private_whatever_the_umask(tmp_path: Path, umask
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.png", "old.png"]
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_a_planted_symlink_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
     """``--snapshot shot.png`` where shot.png is a symbolic link (to a file another user
@@ -227,6 +232,7 @@ async def test_a_planted_symlink_is_refused_and_nothing_is_written(tmp_path: Pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shot.png", "victim.txt"]
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(os.geteuid() != 0, reason="making a file another user owns needs root (chown)")
 @pytest_twisted.ensureDeferred
 async def test_a_file_owned_by_another_user_is_not_replaced(tmp_path: Path) -> None:
@@ -247,6 +253,7 @@ async def test_a_file_owned_by_another_user_is_not_replaced(tmp_path: Path) -> N
     assert link.is_symlink() and not (tmp_path / "elsewhere.png").exists()
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_a_stopped_snapshot_says_why(tmp_path: Path) -> None:
     """Stopping the snapshot (the session ended, SIGTERM) before a frame came gives a

@@ -265,6 +265,7 @@ def test_generated_certificate_is_reused_and_names_localhost(tmp_path):
 # --- real HTTPS: verify_otp over TLS -------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_verify_otp_client_over_https(tmp_path):
     cert, key = generate_self_signed(str(tmp_path))

@@ -76,6 +76,7 @@ def ca_file(ca, tmp_path):
     return str(path)
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_fingerprint_match_accepts_self_signed_certificate(https_server):
     pair = make_leaf(cn=None, san=False)  # name-less, like a default UMS install
@@ -85,6 +86,7 @@ async def test_fingerprint_match_accepts_self_signed_certificate(https_server):
         assert (code, body) == (200, b"hello from the UMS")
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_fingerprint_mismatch_fails_before_any_request(https_server):
     pair = make_leaf()
@@ -99,6 +101,7 @@ async def test_fingerprint_mismatch_fails_before_any_request(https_server):
     assert resource.requests == 0
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_ca_file_accepts_ca_signed_certificate_by_ip_and_name(https_server, ca, ca_file):
     pair = make_leaf(issuer=(ca[1], ca[2]))
@@ -109,6 +112,7 @@ async def test_ca_file_accepts_ca_signed_certificate_by_ip_and_name(https_server
     assert resource.requests == 2
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_ca_file_may_hold_the_server_certificate_itself(https_server, tmp_path):
     pair = make_leaf()  # self-signed, with SAN
@@ -118,6 +122,7 @@ async def test_ca_file_may_hold_the_server_certificate_itself(https_server, tmp_
     assert await fetch(f"https://127.0.0.1:{port}/", UMSTrust.from_ca_file(path)) == (200, b"hello from the UMS")
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_ca_signed_certificate_without_subject_alt_name_is_refused(https_server, ca, ca_file):
     # The pitfall of docs/protocol.md section 3: Twisted alone only logs this case.
@@ -129,6 +134,7 @@ async def test_ca_signed_certificate_without_subject_alt_name_is_refused(https_s
     assert resource.requests == 0
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_ca_signed_certificate_for_another_name_is_refused(https_server, ca, ca_file):
     pair = make_leaf(cn="127.0.0.1", dns=("ums.other.example",), ips=("10.9.9.9",), issuer=(ca[1], ca[2]))
@@ -141,6 +147,7 @@ async def test_ca_signed_certificate_for_another_name_is_refused(https_server, c
     assert resource.requests == 0
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_certificate_from_another_ca_is_not_trusted(https_server, ca_file):
     stranger = make_ca()
@@ -152,12 +159,14 @@ async def test_certificate_from_another_ca_is_not_trusted(https_server, ca_file)
     assert resource.requests == 0
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_insecure_accepts_anything(https_server, ca):
     port, _ = https_server(make_leaf(cn="nobody", san=False))
     assert await fetch(f"https://127.0.0.1:{port}/", UMSTrust.insecure()) == (200, b"hello from the UMS")
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_plain_http_server_gives_a_tls_error_naming_the_url():
     from twisted.internet.protocol import Factory, Protocol
@@ -177,6 +186,7 @@ async def test_plain_http_server_gives_a_tls_error_naming_the_url():
         await port.stopListening()
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_anonymous_cipher_server_is_refused_in_every_mode():
     # A certificate-less peer would skip the verify callback (docs/protocol.md section 3).
