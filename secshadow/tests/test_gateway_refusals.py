@@ -316,3 +316,24 @@ async def test_connect_pinned_reports_a_device_that_never_joins_as_exit_9(gatewa
     assert caught.value.exit_code == 9
     assert caught.value.message == ("pairing timeout: the device side did not join gateway session nobody-joins "
                                     "within 1.25 s")
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelling_the_connect_aborts_the_leg(gateway: GatewayProcess) -> None:
+    from twisted.internet import reactor
+    from twisted.internet.defer import CancelledError
+    from twisted.internet.task import deferLater
+
+    sid = "cancelled"
+    connecting = endpoint_for(reactor, gateway, sid, "console").connect(Factory.forProtocol(Protocol))
+    await deferLater(reactor, 0.5, lambda: None)  # connected and waiting for the device by now
+    connecting.cancel()
+    with pytest.raises(CancelledError):
+        await connecting
+    await deferLater(reactor, 0.3, lambda: None)  # the abort reaches the gateway
+    assert wait_until(lambda: [e for e in gateway.process.named("closed") if e["sid"] == sid], timeout=5)
+    closed = [e for e in gateway.process.named("closed") if e["sid"] == sid]
+    assert closed[0]["paired"] is False and closed[0]["closed_by"] == "console"
+    leftovers = [c for c in reactor.getDelayedCalls()  # type: ignore[attr-defined]
+                 if "_Attempt" in repr(c.func) or "_ClientLeg" in repr(c.func)]
+    assert leftovers == []
