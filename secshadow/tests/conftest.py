@@ -7,6 +7,7 @@ pass by skipping the tests that matter.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -58,24 +59,42 @@ def unit_tests_open_no_real_socket(request: pytest.FixtureRequest, monkeypatch: 
         monkeypatch.setattr(socket.socket, name, refuse)
 
 
-@pytest.fixture(autouse=True)
-def no_unhandled_deferred_errors() -> Iterator[None]:
-    """Fail any test that leaves an unhandled error in a Deferred (Twisted logs it when
-    the Deferred is garbage-collected), as magic-wormhole's ``observe_errors`` does."""
+_collectors: list[list[str]] = []
+
+
+def _collect_unhandled(event: dict[str, object]) -> None:
+    # Twisted logs the message, then (in a second event) the failure itself; the
+    # innermost collector gets them.
+    if _collectors and event.get("log_namespace") == "twisted.internet.defer" and (
+            "Unhandled error" in str(event.get("log_format", "")) or event.get("log_failure") is not None):
+        _collectors[-1].append(str(event.get("log_failure") or event.get("log_format")))
+
+
+@contextlib.contextmanager
+def unhandled_deferred_errors() -> Iterator[list[str]]:
+    """Collects the unhandled errors in Deferreds that Twisted logs while the block runs
+    (it logs them when a failed Deferred is garbage-collected; a collection runs at the end)."""
     import gc
 
     from twisted.logger import globalLogPublisher
 
     seen: list[str] = []
-
-    def observer(event: dict[str, object]) -> None:
-        if event.get("log_failure") is not None and "Unhandled error in Deferred" in str(event.get("log_format", "")):
-            seen.append(str(event["log_failure"]))
-
-    globalLogPublisher.addObserver(observer)
+    if not _collectors:
+        globalLogPublisher.addObserver(_collect_unhandled)
+    _collectors.append(seen)
     try:
-        yield
+        yield seen
         gc.collect()
     finally:
-        globalLogPublisher.removeObserver(observer)
+        _collectors.remove(seen)
+        if not _collectors:
+            globalLogPublisher.removeObserver(_collect_unhandled)
+
+
+@pytest.fixture(autouse=True)
+def no_unhandled_deferred_errors() -> Iterator[None]:
+    """Fail any test that leaves an unhandled error in a Deferred, as magic-wormhole's
+    ``observe_errors`` does."""
+    with unhandled_deferred_errors() as seen:
+        yield
     assert seen == [], f"unhandled error(s) in a Deferred: {seen}"

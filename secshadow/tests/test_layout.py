@@ -39,3 +39,16 @@ def test_wheel_ships_no_tests_and_ships_py_typed(tmp_path: Path) -> None:
     assert "secshadow/py.typed" in names
     assert "secshadow/cli.py" in names and "secshadow/lab/device/emulator.py" in names
     assert [n for n in names if n.startswith("secshadow/tests/")] == []
+
+
+def test_the_unhandled_deferred_error_guard_sees_a_dropped_failure() -> None:
+    from twisted.internet.defer import fail, succeed
+
+    from secshadow.tests.conftest import unhandled_deferred_errors
+
+    with unhandled_deferred_errors() as seen:
+        succeed("fine")
+    assert seen == []
+    with unhandled_deferred_errors() as seen:
+        fail(ValueError("dropped on the floor"))
+    assert any("dropped on the floor" in text for text in seen)
