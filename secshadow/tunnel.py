@@ -219,11 +219,13 @@ def _deadline_error(stage: str, host: str, port: int, timeout: float) -> SecShad
     return DeviceUnreachable(f"could not connect to the device at {host}:{port} within {timeout:g} s")
 
 
-def _connect_error(failure: Failure, host: str, port: int) -> Failure:
+def _connect_error(failure: Failure, host: str, port: int, timeout: float) -> Failure:
     """Map a failed stream connect to the contract's errors (a SecShadowError passes)."""
     where = f"{host}:{port}"
     if failure.check(SecShadowError, CancelledError):
         return failure
+    if failure.check(ierror.TimeoutError):  # the endpoint's own timer (the same --connect-timeout)
+        return Failure(_deadline_error("tcp", host, port, timeout))
     if failure.check(ierror.DNSLookupError):
         return Failure(DeviceUnreachable(f"cannot resolve the device host {host!r}"))
     if failure.check(ierror.ConnectError):
@@ -273,7 +275,7 @@ def connect_pinned(
         assert link.ready is not None
         return link.ready
 
-    connecting.addCallback(on_stream).addErrback(_connect_error, host, port).chainDeferred(result)  # type: ignore[call-overload]
+    connecting.addCallback(on_stream).addErrback(_connect_error, host, port, timeout).chainDeferred(result)  # type: ignore[call-overload]
     # One deadline for the stream and TLS together (--connect-timeout); addTimeout
     # turns the cancellation it causes into defer.TimeoutError.
     result.addTimeout(timeout, reactor)  # type: ignore[arg-type]
