@@ -127,3 +127,56 @@ async def test_an_agent_splicing_to_another_certificate_gives_pin_mismatch_and_n
     # The impostor completed its side of the handshake but never got one application byte.
     assert impostor.named("procycmd") == []
     assert [e["count"] for e in impostor.named("app-bytes")] == [0]
+
+
+@pytest.fixture(scope="module")
+def gateway_lab() -> Iterator[Lab]:
+    """A lab whose IMI server puts the device behind the gateway (``start_lab(gateway=True)``)."""
+    from secshadow.lab.harness import start_lab
+    from secshadow.tests.conftest import require_program
+
+    for program in ("Xvnc", "xsetroot", "openssl"):
+        require_program(program)
+    with start_lab(gateway=True, background="#2da44e", label="through the gateway") as running:
+        yield running
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_console_flow_from_the_imi_secret_to_pixels(gateway_lab: Lab, tmp_path: Path) -> None:
+    """What secshadow-proxy does with a secret that names a gateway: fetch it from the
+    IMI server, dial the leg it names with the token it carries, pin, PROCYCMD, frame."""
+    from twisted.internet import reactor
+
+    from secshadow.gateway.dialer import gateway_endpoint_factory
+    from secshadow.imi import fetch_shadow_secret
+    from secshadow.tunnel import connect_pinned
+    from secshadow.umstrust import UMSTrust
+
+    lab = gateway_lab
+    assert lab.gateway is not None and lab.xvnc is not None
+    device = lab.start_dialing_device(lab.gateway, lab.gateway_sid)
+    try:
+        started = time.monotonic()
+        secret = await fetch_shadow_secret(reactor, lab.ums_url, "27", "admin", lab.password_file.read_text().strip(),
+                                           UMSTrust.from_fingerprint(lab.ums_fingerprint))
+        assert secret.gateway is not None
+        assert secret.gateway.url == f"{lab.gateway.base_url}/v1/sessions/tc-27/console"
+        factory = gateway_endpoint_factory(reactor, secret.gateway.url, secret.gateway.token.reveal(),
+                                           UMSTrust.from_fingerprint(lab.gateway.fingerprint))
+        link = await connect_pinned(reactor, "gateway", 0, secret.certificate_der, timeout=15,
+                                    endpoint_factory=factory)
+        port = listen_viewer_port(reactor, link, secret.password.reveal())
+        png = tmp_path / "imi-gateway.png"
+        try:
+            await take_snapshot(reactor, "127.0.0.1", port.getHost().port, png, timeout=20)
+        finally:
+            await port.stopListening()
+        elapsed = time.monotonic() - started
+        print(f"\nIMI request -> first full frame through the gateway (device dialing out): {elapsed:.3f} s")
+        assert read_pixel(png, *lab.xvnc.background_point) == lab.xvnc.background_rgb == (0x2D, 0xA4, 0x4E)
+        await link.when_lost()
+        assert device.process.wait(timeout=20) == 0, device.log_tail()
+    finally:
+        device.stop()
+    assert {"event": "procycmd", "accepted": True, "reason": "ok"} in device.events
+    assert secret.gateway.token.reveal().rsplit(".", 1)[1] not in lab.gateway.process.log_path.read_text()
