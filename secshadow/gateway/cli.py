@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 from typing import Any, Sequence
@@ -199,9 +200,7 @@ async def _serve_gateway(reactor: Any, args: argparse.Namespace) -> None:
         tmp = f"{args.port_file}.tmp"
         with open(tmp, "w", encoding="ascii") as f:
             f.write(f"{number}\n")
-        import os
-
-        os.replace(tmp, args.port_file)
+        os.replace(tmp, args.port_file)  # atomic: a reader never sees half a number
     reactor.addSystemEventTrigger("before", "shutdown", gateway.stop)
     await Deferred()
 
