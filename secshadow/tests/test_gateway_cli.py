@@ -67,10 +67,12 @@ def test_gateway_needs_tls_or_an_explicit_plaintext(keys: tuple[Path, Path]) -> 
 
 
 def test_plaintext_gateway_warns_loudly(tmp_path: Path) -> None:
-    gateway = start_gateway(tmp_path, plaintext=True)
+    port_file = tmp_path / "port"
+    gateway = start_gateway(tmp_path, "--port-file", str(port_file), plaintext=True)
     try:
         assert gateway.process.events[0] == {"event": "warning", "message": "--plaintext: no TLS on the listener"}
         assert gateway.process.events[1]["tls"] is False
+        assert port_file.read_text() == f"{gateway.port}\n"
     finally:
         assert gateway.stop() == 0
     assert "WARNING: --plaintext" in gateway.process.log_path.read_text()
