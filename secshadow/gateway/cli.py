@@ -140,6 +140,7 @@ def gateway_parser() -> argparse.ArgumentParser:
 
 
 def _gateway_setup(args: argparse.Namespace, reactor: Any) -> tuple[Any, Any]:
+    from secshadow.gateway.pairing import GatewayListening
     from secshadow.gateway.server import Gateway, GatewayOptions, server_tls
     from secshadow.gateway.tokens import TokenVerifier, load_public_keys
 
@@ -164,6 +165,12 @@ def _gateway_setup(args: argparse.Namespace, reactor: Any) -> tuple[Any, Any]:
     )
 
     def on_event(event: Event) -> None:
+        if isinstance(event, GatewayListening) and args.port_file:
+            # Written before the "gateway-listening" line, so a reader of either finds it.
+            tmp = f"{args.port_file}.tmp"
+            with open(tmp, "w", encoding="ascii") as f:
+                f.write(f"{event.port}\n")
+            os.replace(tmp, args.port_file)  # atomic: a reader never sees half a number
         if args.json:
             _print_json(event.as_dict())
 
@@ -188,19 +195,13 @@ async def _serve_gateway(reactor: Any, args: argparse.Namespace) -> None:
         if args.json:
             _print_json({"event": "warning", "message": "--plaintext: no TLS on the listener"})
     try:
-        port = await gateway.listen(args.listen, tls)
+        await gateway.listen(args.listen, tls)
     except UsageError as e:
         sys.stderr.write(f"{GATEWAY}: error: {e.message}\n")
         raise SystemExit(2) from None
     except (CannotListenError, OSError) as e:
         sys.stderr.write(f"{GATEWAY}: error: cannot listen on {args.listen}: {e}\n")
         raise SystemExit(1) from None
-    if args.port_file:
-        number = getattr(port.getHost(), "port", 0)
-        tmp = f"{args.port_file}.tmp"
-        with open(tmp, "w", encoding="ascii") as f:
-            f.write(f"{number}\n")
-        os.replace(tmp, args.port_file)  # atomic: a reader never sees half a number
     reactor.addSystemEventTrigger("before", "shutdown", gateway.stop)
     await Deferred()
 
