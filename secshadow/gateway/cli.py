@@ -84,21 +84,6 @@ def _raise_fd_limit() -> None:
             pass
 
 
-def _trust(ca: str | None, fingerprint: str | None) -> Any:
-    from secshadow.umstrust import UMSTrust
-
-    if ca and fingerprint:
-        raise UsageError("give either --gateway-ca or --gateway-fingerprint, not both")
-    try:
-        if ca:
-            return UMSTrust.from_ca_file(ca)
-        if fingerprint:
-            return UMSTrust.from_fingerprint(fingerprint)
-    except UsageError as e:
-        raise UsageError(e.message.replace("--ums-", "--gateway-").replace("UMS", "gateway")) from None
-    return UMSTrust.system()
-
-
 # -- secshadow-gateway ---------------------------------------------------------------
 
 GATEWAY = "secshadow-gateway"
@@ -253,7 +238,7 @@ def parse_host_port(text: str, what: str = "--target") -> tuple[str, int]:
 
 async def _run_agent(reactor: Any, args: argparse.Namespace) -> None:
     from secshadow.gateway.agent import run_agent
-    from secshadow.gateway.dialer import gateway_endpoint
+    from secshadow.gateway.dialer import gateway_endpoint, gateway_trust
     from secshadow.gateway.tokens import read_token_file
 
     await deferLater(reactor, 0, lambda: None)
@@ -267,7 +252,7 @@ async def _run_agent(reactor: Any, args: argparse.Namespace) -> None:
     try:
         host, port = parse_host_port(args.target)
         token = read_token_file(args.token_file)
-        trust = _trust(args.gateway_ca, args.gateway_fingerprint)
+        trust = gateway_trust(args.gateway_ca, args.gateway_fingerprint)
         endpoint = gateway_endpoint(reactor, args.gateway, token, trust, args.timeout)
     except SecShadowError as e:
         fail(e)

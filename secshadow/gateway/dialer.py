@@ -502,6 +502,25 @@ def gateway_endpoint(reactor: Any, url: str, token: str, trust: UMSTrust, timeou
     return _endpoint(reactor, target, token, trust, timeout)
 
 
+def gateway_trust(ca_file: str | None = None, fingerprint: str | None = None) -> UMSTrust:
+    """How the gateway's web certificate is trusted, from ``--gateway-ca FILE`` or
+    ``--gateway-fingerprint HEX`` (at most one), else the system's CA store with the
+    host-name check. Raises :class:`~secshadow.errors.UsageError` (worded for the
+    ``--gateway-*`` flags) for both at once, an unreadable CA file or a bad fingerprint."""
+    from secshadow.errors import UsageError
+
+    if ca_file and fingerprint:
+        raise UsageError("give either --gateway-ca or --gateway-fingerprint, not both")
+    try:
+        if ca_file:
+            return UMSTrust.from_ca_file(ca_file)
+        if fingerprint:
+            return UMSTrust.from_fingerprint(fingerprint)
+    except UsageError as e:
+        raise UsageError(_gateway_wording(e.message)) from None
+    return UMSTrust.system()
+
+
 #: Seconds by which :func:`gateway_endpoint_factory` makes the endpoint's own deadline
 #: come before ``connect_pinned``'s, so a pairing timeout is reported as the gateway's.
 DEADLINE_MARGIN = 0.25

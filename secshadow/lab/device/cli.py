@@ -264,20 +264,15 @@ def _dial_config(args: argparse.Namespace) -> tuple[str, str, Any, float] | None
         raise UsageError("give either --gateway-ca or --gateway-fingerprint, not both")
     if not args.dial_timeout > 0:
         raise UsageError("--dial-timeout must be a positive number of seconds")
+    from secshadow.gateway.dialer import gateway_trust
     from secshadow.gateway.tokens import read_token_file
     from secshadow.gateway.wire import parse_gateway_url
-    from secshadow.umstrust import UMSTrust
 
     target = parse_gateway_url(args.dial, what="--dial")
     if target.role != "device":
         raise UsageError("--dial must be the device leg's URL (.../device)")
     token = read_token_file(args.token_file)
-    if args.gateway_fingerprint:
-        trust = UMSTrust.from_fingerprint(args.gateway_fingerprint)
-    elif args.gateway_ca:
-        trust = UMSTrust.from_ca_file(args.gateway_ca)
-    else:
-        trust = UMSTrust.system()
+    trust = gateway_trust(args.gateway_ca, args.gateway_fingerprint)
     return target.url, token, trust, args.dial_timeout
 
 
