@@ -29,6 +29,10 @@ from secshadow.errors import UsageError
 from secshadow.reactor import SessionReactor
 
 log = Logger()
+#: Refused viewer streams said one by one (a ``warning`` event each); later ones are only
+#: counted, and the count is said once when the session ends: another local user who
+#: connects in a loop must not flood the console's event stream or log (issue 9).
+SAID_REFUSALS = 5
 
 
 class ViewerHandle(TypingProtocol):
@@ -106,6 +110,10 @@ class ViewerDoor:
         self._closed = False
         self._timer: IDelayedCall | None = None
         self.viewer: ViewerHandle | None = None
+        #: Streams refused so far (another user's, or after the password was used), and
+        #: streams turned away while a viewer was being served.
+        self.refused = 0
+        self.turned_away = 0
 
     def open(self) -> Deferred[IListeningPort]:
         """Listen; fires with the port (not yet announced: see :meth:`announce`)."""
@@ -164,7 +172,11 @@ class ViewerDoor:
     def refuse(self, conn: ViewerConnection, why: str) -> None:
         """Refuse an admitted stream after all (session policy), saying why."""
         conn.transport.abortConnection()  # type: ignore[union-attr]
-        self._emit(events.WarningEvent(message=f"refused the viewer connection from {conn.peer_text()}: {why}"))
+        self.refused += 1
+        if self.refused <= SAID_REFUSALS:
+            more = "; further refusals are only counted" if self.refused == SAID_REFUSALS else ""
+            self._emit(events.WarningEvent(
+                message=f"refused the viewer connection from {conn.peer_text()}: {why}{more}"))
 
     def arm(self, seconds: float) -> None:
         """(Re)start the ``--viewer-timeout`` timer."""
@@ -192,6 +204,12 @@ class ViewerDoor:
         fire when each is done."""
         self._closed = True
         self.disarm()
+        if self.refused > SAID_REFUSALS:
+            self._emit(events.WarningEvent(message=f"refused {self.refused} viewer connections in all"))
+            self.refused = 0
+        if self.turned_away:
+            log.info("turned away {n} connection(s) that came while a viewer was being served", n=self.turned_away)
+            self.turned_away = 0
         waits: list[Deferred[Any]] = [self.stop_listening()]
         if self.viewer is not None:
             waits.append(self.viewer.terminate())
@@ -206,7 +224,7 @@ class _ViewerFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> ViewerConnection | None:
         if not self.door._accepting():
-            log.info("refusing another viewer connection from {addr}", addr=addr)
+            self.door.turned_away += 1  # counted, said once at the end (no line per connection)
             return None
         return ViewerConnection(self.door.stream_made, self.door._left)
 

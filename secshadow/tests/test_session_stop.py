@@ -100,7 +100,8 @@ class Viewer:
 class Run:
     """One session on a MemoryReactorClock with a fake viewer process."""
 
-    def __init__(self, dials: Dials, *, refresh: Any = None, endpoint: Any = None, **options: Any) -> None:
+    def __init__(self, dials: Dials, *, refresh: Any = None, endpoint: Any = None, peer_check: Any = None,
+                 **options: Any) -> None:
         self.reactor = MemoryReactorClock()
         self.dials = dials
         self.events: list[events.Event] = []
@@ -108,7 +109,7 @@ class Run:
         self.session = ShadowSession(
             self.reactor, SECRET, SessionOptions(device_host="10.0.0.5", **options), on_event=self.events.append,
             launch_viewer=lambda host, port: self.viewer, dialer=dials, viewer_endpoint=endpoint,
-            refresh_secret=refresh, peer_check=None)
+            refresh_secret=refresh, peer_check=peer_check)
         self.outcome: list[Any] = []
         self.session.start().addBoth(self.outcome.append)
 
@@ -319,3 +320,22 @@ def test_a_few_bytes_before_procycmd_are_discarded_not_taken_for_the_hello(warni
     link.dataReceived(b"HTTP/1.1 400\r\n")
     assert isinstance(run.outcome[0].value, DeviceRejected)
     assert len(warnings) == 1
+
+
+def test_refused_connections_are_said_five_times_then_counted():
+    """Another local user connecting in a loop gets no line per connection."""
+    def other_user(transport: Any) -> str | None:
+        return "it belongs to another local user (uid 65534)" if transport.getPeer().port >= 60000 else None
+
+    run = Run(Dials("ok"), peer_check=other_user)
+    refused = [run.viewer_connects(60000 + n) for n in range(1000)]
+    assert all(not conn.transport.connected and conn.transport.value() == b"" for conn in refused)
+    assert run.session.state is S.LISTENING  # still waiting for the real viewer
+    warnings = [e.message for e in run.events if isinstance(e, events.WarningEvent) and "refused" in e.message]
+    assert len(warnings) == 5 and warnings[-1].endswith("; further refusals are only counted")
+    assert all("uid 65534" in w for w in warnings)
+    run.viewer_connects(51234)
+    run.dials.links[0].dataReceived(b"RFB 003.008\n")
+    run.stop_and_check("viewer disconnected")
+    warnings = [e.message for e in run.events if isinstance(e, events.WarningEvent) and "refused" in e.message]
+    assert warnings[5:] == ["refused 1000 viewer connections in all"]
