@@ -158,17 +158,21 @@ def start_shadowing(
     values). ``viewer``: called with the listener's (host, port) to launch a viewer, or
     ``None`` to connect your own; ``viewer_name`` names it in the audit record.
     ``viewer_endpoint``: the viewer side (default: ``options.listen``; the browser bridge
-    is one). ``dialer``: the device side (default: TCP; the gateway's is one).
+    is one). ``dialer``: the device side (default: :class:`~secshadow.gateway.route.RoutedDialer`,
+    TCP unless the secret names a gateway).
     ``audit``: an :class:`~secshadow.audit.AuditLog` that gets one line for this
     shadowing once its secret was fetched, however it ends.
     Events: ``secret`` (each fetch), then the session's.
     """
     options = options or SessionOptions()
+    if dialer is None:
+        from secshadow.gateway.route import RoutedDialer
+
+        dialer = RoutedDialer(reactor)
     if isinstance(source, ShadowSecret):
         source = StaticSecret(source)
     handle = Shadowing()
-    record = _AuditTrail(reactor, source, options, viewer_name or ("custom" if viewer else "none"),
-                         getattr(dialer, "transport", "tcp"), audit)
+    record = _AuditTrail(source, options, viewer_name or ("custom" if viewer else "none"), audit)
 
     def announce(secret: ShadowSecret, host: str, port: int) -> ShadowSecret:
         on_event(events.SecretLoaded(source=source.name, device_host=host, device_port=port,
@@ -210,10 +214,8 @@ class _AuditTrail:
     """Collects one shadowing's audit record (PROTOCOL.md section 8) and writes it when
     the shadowing ends, whatever ended it, once the secret was fetched."""
 
-    def __init__(self, reactor: SessionReactor, source: SecretSource, options: SessionOptions,
-                 viewer: str, transport: str, audit: AuditLog | None) -> None:
-        self._reactor, self._source, self._options = reactor, source, options
-        self._viewer, self._transport, self._audit = viewer, transport, audit
+    def __init__(self, source: SecretSource, options: SessionOptions, viewer: str, audit: AuditLog | None) -> None:
+        self._source, self._options, self._viewer, self._audit = source, options, viewer, audit
         self._session: ShadowSession | None = None
         self._secret: ShadowSecret | None = None
         self._start = time.time()
@@ -240,7 +242,7 @@ class _AuditTrail:
                 os_user=_os_user(), ums_user=getattr(self._source, "user", None),
                 device_id=getattr(self._source, "device_id", None) or self._secret.device_id,
                 device_host=self._session.device_host, device_port=self._session.device_port,
-                certificate_sha256=self._secret.certificate_sha256, transport=self._transport,
+                certificate_sha256=self._secret.certificate_sha256, transport=self._session.transport,
                 viewer=self._viewer, view_only=self._options.view_only, bytes_to_viewer=to_viewer,
                 bytes_to_device=to_device, result=code, reason=reason))
         except (OSError, SecShadowError) as e:

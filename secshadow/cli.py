@@ -123,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve up to N viewers one after another, each with a fresh one-time "
                           "password from the UMS (needs --ums; default 1)")
 
+    gw = parser.add_argument_group("through a gateway relay (docs/gateway.md)")
+    gw.add_argument("--gateway", metavar="URL",
+                    help="reach the device through a gateway: the console's WebSocket URL, e.g. "
+                         "wss://gw.example/v1/sessions/S1/console (a secret may name it as 'gateway')")
+    gw.add_argument("--gateway-token-file", metavar="FILE", help="the console's gateway token (a JWT); never on argv")
+    gw_trust = gw.add_mutually_exclusive_group()
+    gw_trust.add_argument("--gateway-ca", metavar="FILE", help="CA or certificate PEM of the gateway's web certificate")
+    gw_trust.add_argument("--gateway-fingerprint", metavar="HEX", help="SHA-256 fingerprint of the gateway's certificate")
+
     view = parser.add_argument_group("the viewer")
     view.add_argument("--viewer", metavar="NAME", default="auto",
                       help=f"auto, none, browser, or one of: {', '.join(VIEWERS)}")
@@ -397,6 +406,19 @@ class SnapshotViewer:
         return self.wait().addCallback(lambda _: None)
 
 
+def device_dialer(reactor: Any, args: argparse.Namespace) -> Any:
+    """The device side: TCP, or the gateway of ``--gateway`` / the secret (checked now)."""
+    from secshadow.gateway.route import RoutedDialer
+
+    token = None
+    if args.gateway_token_file:
+        from secshadow.gateway.tokens import read_token_file
+
+        token = read_token_file(args.gateway_token_file, what="--gateway-token-file")
+    return RoutedDialer(reactor, url=args.gateway, token=token, ca_file=args.gateway_ca,
+                        fingerprint=args.gateway_fingerprint)
+
+
 def _viewer_side(reactor: Any, args: argparse.Namespace, options: SessionOptions,
                  holder: dict[str, Any]) -> tuple[Any, ViewerLauncher | None]:
     """(viewer endpoint or ``None`` for ``--listen``, viewer launcher or ``None``),
@@ -467,6 +489,7 @@ async def _run_checked(reactor: Any, args: argparse.Namespace, output: Output, s
     holder: dict[str, Any] = {}
     options = session_options(args)
     endpoint, launcher = _viewer_side(reactor, args, options, holder)
+    dialer = device_dialer(reactor, args)
     audit = _audit_log(args)
 
     def on_event(event: events.Event) -> None:
@@ -478,7 +501,8 @@ async def _run_checked(reactor: Any, args: argparse.Namespace, output: Output, s
     if args.viewer == "none" and not args.snapshot and not args.viewer_command:
         output.say("--viewer none: connect your viewer to the port in the 'listening' event")
     shadowing = start_shadowing(reactor, source, options, on_event=on_event, viewer=launcher,
-                                viewer_name=_viewer_name(args), viewer_endpoint=endpoint, audit=audit)
+                                viewer_name=_viewer_name(args), viewer_endpoint=endpoint, dialer=dialer,
+                                audit=audit)
     stopping["shadowing"] = shadowing
     if stopping["reason"]:
         shadowing.stop(stopping["reason"])
@@ -527,7 +551,8 @@ async def _run_control(reactor: Any, args: argparse.Namespace, output: Output, i
     audit = _audit_log(args)
     controller, close = serve_stdio(
         reactor, lambda write: Controller(reactor, write, output.say, defaults, ums, audit=audit, web={
-            "novnc": args.novnc, "frame_ancestors": args.web_frame_ancestors, "origins": args.web_origin}))
+            "novnc": args.novnc, "frame_ancestors": args.web_frame_ancestors, "origins": args.web_origin},
+            gateway_trust={"ca_file": args.gateway_ca, "fingerprint": args.gateway_fingerprint}))
     if install_signals:
         _install_signals(reactor, controller.shutdown)
     output.say("control mode: reading JSON requests on standard input")

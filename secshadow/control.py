@@ -52,7 +52,7 @@ _OPTION_KEYS = ("tls_profile", "procy_terminator", "listen", "connect_timeout", 
 
 #: Every key an ``open`` request may carry.
 _OPEN_KEYS = frozenset({"op", "session", "device", "secret", "viewer", "viewer_command", "full_screen", "web",
-                        *_OPTION_KEYS})
+                        "gateway", "gateway_token", *_OPTION_KEYS})
 
 
 @implementer(IHalfCloseableProtocol)
@@ -110,7 +110,8 @@ class Controller:
 
     def __init__(self, reactor: Any, write_line: Callable[[str], None], say: Callable[[str], None],
                  defaults: SessionOptions, ums: Callable[[str], IMISource] | None,
-                 audit: AuditLog | None = None, web: dict[str, Any] | None = None) -> None:
+                 audit: AuditLog | None = None, web: dict[str, Any] | None = None,
+                 gateway_trust: dict[str, Any] | None = None) -> None:
         self._reactor = reactor
         self._write_line = write_line
         self._say = say
@@ -118,6 +119,7 @@ class Controller:
         self._ums = ums
         self._audit = audit
         self._web = web or {}  # --novnc, --web-frame-ancestors, --web-origin of the process
+        self._gateway_trust = gateway_trust or {}  # --gateway-ca / --gateway-fingerprint
         self.sessions: dict[str, Shadowing] = {}
         self._listening: dict[str, dict[str, Any]] = {}
         self.finished: Deferred[None] = Deferred()
@@ -185,6 +187,7 @@ class Controller:
                                               base=self._defaults)
         source = self._source(request)
         endpoint, viewer = self._viewer_side(request, options)
+        dialer = self._dialer(request)
 
         def on_event(event: events.Event) -> None:
             payload = {**event.as_dict(), "session": session}
@@ -194,7 +197,7 @@ class Controller:
 
         shadowing = start_shadowing(self._reactor, source, options, on_event=on_event, viewer=viewer,
                                     viewer_name=_viewer_name(request), viewer_endpoint=endpoint,
-                                    audit=self._audit)
+                                    dialer=dialer, audit=self._audit)
         self.sessions[session] = shadowing
         self._say(f"[{session}] opened")
         shadowing.done.addErrback(self._failed, session).addBoth(self._ended, session)
@@ -210,6 +213,16 @@ class Controller:
         if not isinstance(device, (str, int)) or isinstance(device, bool):
             raise UsageError("'device' must be an IMI id")
         return self._ums(str(device))
+
+    def _dialer(self, request: dict[str, Any]) -> Any:
+        """TCP, or the gateway of the request's ``gateway`` / ``gateway_token`` or its secret."""
+        from secshadow.gateway.route import RoutedDialer
+
+        url, token = request.get("gateway"), request.get("gateway_token")
+        for key, value in (("gateway", url), ("gateway_token", token)):
+            if value is not None and not isinstance(value, str):
+                raise UsageError(f"'{key}' must be a string")
+        return RoutedDialer(self._reactor, url=url, token=token, **self._gateway_trust)
 
     def _viewer_side(self, request: dict[str, Any], options: SessionOptions) -> tuple[Any, Any]:
         """(viewer endpoint or ``None``, launcher or ``None``) for one ``open`` request."""

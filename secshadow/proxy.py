@@ -23,6 +23,7 @@ both sockets are closed, the listener released and the viewer reaped.
 from __future__ import annotations
 
 import enum
+from urllib.parse import urlsplit
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -103,12 +104,12 @@ class ShadowSession:
         self._reactor = reactor
         self._secret = secret
         self.options = options
-        self.device_host = options.device_host or secret.host or ""
+        self.device_host = options.device_host or secret.host or _gateway_host(secret)
         self.device_port = options.device_port or secret.port or DEFAULT_DEVICE_PORT
         if not self.device_host:
             raise UsageError("the secret names no device address (no lastIP/host): pass a device host")
         self._emit = on_event
-        self._dial = dialer or PinnedDialer(reactor)
+        self._dial: DeviceDialer = dialer or PinnedDialer(reactor)
         self._refresh_secret = refresh_secret
         self._door = ViewerDoor(reactor, viewer_endpoint, options.listen, emit=on_event, launch=launch_viewer,
                                 peer_check=peer_check, accepting=lambda: self.accepting_viewer,
@@ -140,6 +141,11 @@ class ShadowSession:
         """End the session now, in any state (signals, ``close``, API ``stop``)."""
         self._close(reason)
         return self._done
+
+    @property
+    def transport(self) -> str:
+        """``"tcp"`` or ``"gateway"``: how the device was reached (the audit record's)."""
+        return self._dial.transport
 
     @property
     def accepting_viewer(self) -> bool:
@@ -188,8 +194,8 @@ class ShadowSession:
 
     def _dial_device(self) -> Deferred[DeviceLink]:
         o = self.options
-        return self._dial(self._secret.certificate_der, self.device_host, self.device_port,
-                          o.tls_profile, o.connect_timeout)
+        return maybeDeferred(self._dial, self._secret, self.device_host, self.device_port, o.tls_profile,
+                             o.connect_timeout)
 
     def _pinned(self, link: DeviceLink) -> bool:
         if self.state in (S.CLOSING, S.CLOSED):
@@ -360,3 +366,10 @@ class ShadowSession:
 
     def _count_bridge(self, end: BridgeEnd) -> None:
         self._bytes = (self._bytes[0] + end.bytes_to_viewer, self._bytes[1] + end.bytes_to_device)
+
+
+def _gateway_host(secret: ShadowSecret) -> str:
+    """For a device reached only through a gateway (no ``lastIP``): the gateway's host,
+    for events and the audit record."""
+    route = getattr(secret, "gateway", None)
+    return (urlsplit(route.url).hostname or "") if route is not None else ""

@@ -17,7 +17,7 @@ or over any endpoint factory.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Callable, Protocol as TypingProtocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol as TypingProtocol
 
 from OpenSSL import SSL
 from twisted.internet import defer, error as ierror
@@ -33,6 +33,9 @@ from secshadow.errors import DeviceUnreachable, PinMismatch, SecShadowError, TLS
 from secshadow.observe import OneShot
 from secshadow.pinning import TLSProfile, check_peer, describe_handshake_failure, negotiated
 from secshadow.pinning import PinnedConnectionCreator
+
+if TYPE_CHECKING:
+    from secshadow.secret import ShadowSecret
 
 log = Logger()
 _CONNECTION_DONE = Failure(ierror.ConnectionDone())
@@ -291,24 +294,27 @@ def connect_pinned(
 class DeviceDialer(TypingProtocol):
     """Opens a pinned link to the device a secret names (reconnects call it again).
 
-    ``pinned_der`` (the pin), ``host``/``port``, ``profile`` and ``timeout`` (seconds)
-    come from the session; returns a Deferred as :func:`connect_pinned` does.
+    ``secret``: the :class:`~secshadow.secret.ShadowSecret` (its certificate is the pin;
+    it may name a gateway route). ``host``/``port``, ``profile`` and ``timeout``
+    (seconds) come from the session; returns a Deferred as :func:`connect_pinned` does.
+    ``transport``: ``"tcp"`` or ``"gateway"``, what the last dial used (the audit record's).
     """
 
-    def __call__(self, pinned_der: bytes, host: str, port: int, profile: TLSProfile,
+    transport: str
+
+    def __call__(self, secret: ShadowSecret, host: str, port: int, profile: TLSProfile,
                  timeout: float) -> Deferred[DeviceLink]: ...
 
 
 class PinnedDialer:
-    """A :class:`DeviceDialer` over ``endpoint_factory`` (TCP unless given another):
-    the gateway's console side passes its WebSocket stream here."""
+    """A :class:`DeviceDialer` over ``endpoint_factory`` (TCP unless given another)."""
 
     def __init__(self, reactor: Any, endpoint_factory: EndpointFactory | None = None, transport: str = "tcp") -> None:
         self._reactor = reactor
         self._endpoint_factory = endpoint_factory
-        #: ``"tcp"`` or ``"gateway"``: the audit record's ``transport``.
         self.transport = transport
 
-    def __call__(self, pinned_der: bytes, host: str, port: int, profile: TLSProfile,
+    def __call__(self, secret: ShadowSecret, host: str, port: int, profile: TLSProfile,
                  timeout: float) -> Deferred[DeviceLink]:
-        return connect_pinned(self._reactor, host, port, pinned_der, profile, timeout, self._endpoint_factory)
+        return connect_pinned(self._reactor, host, port, secret.certificate_der, profile, timeout,
+                              self._endpoint_factory)
