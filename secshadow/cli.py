@@ -244,7 +244,7 @@ def _start_logging(output: Output, verbose: bool) -> None:
         output.stderr.flush()
 
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.debug if verbose else LogLevel.info)
-    globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, [predicate])],  # type: ignore[list-item]
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, [predicate])],
                                      redirectStandardIO=False, discardBuffer=True)
 
 

@@ -31,10 +31,10 @@ def push_producer_of(transport: ITransport) -> IPushProducer:
     ciphertext, and with it the plaintext.
     """
     if IPushProducer.providedBy(transport):
-        return transport  # type: ignore[return-value]
+        return transport
     inner = getattr(transport, "transport", None)
     if inner is not None and IPushProducer.providedBy(inner):
-        return inner  # type: ignore[no-any-return]
+        return inner
     raise TypeError(f"{transport!r} is not a push producer and wraps none")
 
 

@@ -118,7 +118,7 @@ def _classes() -> tuple[type[Any], type[Any]]:
     from PIL import Image
     from vncdotool.client import VNCDoToolClient, VNCDoToolFactory
 
-    class Client(VNCDoToolClient):  # type: ignore[misc,valid-type]
+    class Client(VNCDoToolClient):
         """Reads one full frame; ``done`` fires with the Pillow image or fails with
         :class:`SnapshotError`; ``lost`` fires when the connection is gone."""
 
@@ -161,7 +161,7 @@ def _classes() -> tuple[type[Any], type[Any]]:
                 self.done.errback(SnapshotError("snapshot client: the server closed the connection before a full frame"))
             self.lost.callback(None)
 
-    class Factory(VNCDoToolFactory):  # type: ignore[misc,valid-type]
+    class Factory(VNCDoToolFactory):
         protocol = Client
         noisy = False
 

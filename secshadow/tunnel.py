@@ -114,7 +114,7 @@ class DeviceLink(Protocol):
             self._say_early("closing the connection")
             self._tls.abortConnection()
 
-    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self.connected_ = False
         if self._listener is None:
             self._say_early("discarded them")
@@ -264,7 +264,7 @@ def connect_pinned(
         links.append(link)
         return link
 
-    connecting = endpoint.connect(Factory.forProtocol(build))  # type: ignore[arg-type]
+    connecting = endpoint.connect(Factory.forProtocol(build))
 
     def cancel(_: Deferred[DeviceLink]) -> None:
         connecting.cancel()
@@ -281,7 +281,7 @@ def connect_pinned(
     connecting.addCallback(on_stream).addErrback(_connect_error, host, port, timeout).chainDeferred(result)  # type: ignore[call-overload]
     # One deadline for the stream and TLS together (--connect-timeout); addTimeout
     # turns the cancellation it causes into defer.TimeoutError.
-    result.addTimeout(timeout, reactor)  # type: ignore[arg-type]
+    result.addTimeout(timeout, reactor)
 
     def on_deadline(failure: Failure) -> Failure:
         if failure.check(defer.TimeoutError):

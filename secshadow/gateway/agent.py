@@ -135,7 +135,7 @@ class _GatewaySide(Protocol):
                 target.transport.loseConnection()
             return
         assert target.transport is not None
-        self.splice = Splice(self.transport, target.transport, self.run.reactor,  # type: ignore[arg-type]
+        self.splice = Splice(self.transport, target.transport, self.run.reactor,
                              on_closed=self.run.spliced_closed)
         self.run.emit(TargetConnected(target=self.run.target_text))
         self.splice.start()
@@ -162,7 +162,7 @@ class _Run:
         self._target_failed: Failure | None = None
 
     def start(self) -> Deferred[AgentResult]:
-        dialing = self.endpoint.connect(Factory.forProtocol(lambda: _GatewaySide(self)))  # type: ignore[arg-type]
+        dialing = self.endpoint.connect(Factory.forProtocol(lambda: _GatewaySide(self)))
         self._dialing = dialing
         dialing.addErrback(self._dial_failed)
         return self.result

@@ -222,13 +222,13 @@ class _ClientLeg(WebSocketClientProtocol):
     def pause_reading(self) -> None:
         if self.transport is not None:
             self._reading_paused = True
-            push_producer_of(self.transport).pauseProducing()  # type: ignore[arg-type]
+            push_producer_of(self.transport).pauseProducing()
 
     def resume_reading(self) -> None:
         if self.transport is not None and self._reading_paused:
             self._reading_paused = False
             self.last_rx = self.attempt.clock.seconds()
-            push_producer_of(self.transport).resumeProducing()  # type: ignore[arg-type]
+            push_producer_of(self.transport).resumeProducing()
 
     def close_cleanly(self) -> None:
         self.resume_reading()  # the gateway's answer to the close frame must get in

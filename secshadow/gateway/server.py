@@ -107,13 +107,13 @@ class _Reader:
     def pauseProducing(self) -> None:
         if not self.paused and self._leg.transport is not None:
             self.paused = True
-            push_producer_of(self._leg.transport).pauseProducing()  # type: ignore[arg-type]
+            push_producer_of(self._leg.transport).pauseProducing()
 
     def resumeProducing(self) -> None:
         if self.paused and self._leg.transport is not None:
             self.paused = False
             self._leg.last_rx = self._leg.gateway.clock.seconds()  # the pause was not its silence
-            push_producer_of(self._leg.transport).resumeProducing()  # type: ignore[arg-type]
+            push_producer_of(self._leg.transport).resumeProducing()
 
     def stopProducing(self) -> None:
         # The peer's transport is gone; the registry closes this leg. Let it read again,

@@ -108,7 +108,7 @@ class WebSocketGate(Resource):
         super().__init__()
         self._site = site
 
-    def render(self, request: Request) -> bytes | int:  # type: ignore[override]
+    def render(self, request: Request) -> bytes | int:
         if (request.getHeader(b"upgrade") or b"").lower() != b"websocket":
             return _refuse(request, 400, "this address takes WebSocket connections only")
         peer = request.getClientAddress()
@@ -130,7 +130,7 @@ class WebSocketGate(Resource):
         scheme = "wss" if request.isSecure() else "ws"
         url = f"{scheme}://{(request.getHeader(b'host') or b'localhost').decode('latin-1')}{WEBSOCKET_PATH}"
         resource = WebSocketResource(RFBWebSocketFactory(inner, url))
-        return resource.render(request)  # type: ignore[no-any-return]
+        return resource.render(request)
 
 
 class _Root(Resource):
@@ -311,7 +311,7 @@ class WebViewerEndpoint:
                                          self.view_only, on_stop=site.tokens.clear)
             return self.port
 
-        return self._endpoint.listen(site.site()).addCallback(listening)  # type: ignore[no-any-return]
+        return self._endpoint.listen(site.site()).addCallback(listening)
 
     def __repr__(self) -> str:
         return f"WebViewerEndpoint({self._description!r}, view_only={self.view_only})"
@@ -343,4 +343,4 @@ class SharedSiteEndpoint:
         self.port = port
         if not self.listening.called:
             self.listening.callback(port)
-        return succeed(port)  # type: ignore[arg-type]
+        return succeed(port)

@@ -313,7 +313,7 @@ class _API(Resource):
         super().__init__()
         self.service = service
 
-    def render(self, request: Request) -> int:  # type: ignore[override]
+    def render(self, request: Request) -> int:
         gone: Deferred[None] = Deferred()
         request.notifyFinish().addBoth(lambda r: gone.callback(None) if isinstance(r, Failure) else None)
         ensureDeferred(self._answer(request, gone))
@@ -536,7 +536,7 @@ async def serve(reactor: Any, args: argparse.Namespace) -> None:
     stopped: Deferred[None] = Deferred()
 
     def before_shutdown() -> Deferred[None]:
-        return service.shutdown().addBoth(lambda _: port.stopListening())  # type: ignore[no-any-return]
+        return service.shutdown().addBoth(lambda _: port.stopListening())
 
     reactor.addSystemEventTrigger("before", "shutdown", before_shutdown)
     await stopped
@@ -559,14 +559,14 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         else:
             log.failure("secshadow-web failed", failure)
             result["code"] = 1
-        if reactor.running:  # type: ignore[attr-defined]
-            reactor.stop()  # type: ignore[attr-defined]
+        if reactor.running:
+            reactor.stop()
 
     def start() -> None:
         ensureDeferred(serve(reactor, args)).addErrback(failed)
 
-    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.callWhenRunning(start)
+    reactor.run()
     sys.exit(result["code"])
 
 if __name__ == "__main__":

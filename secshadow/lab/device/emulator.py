@@ -356,7 +356,7 @@ class DeviceConnection(Protocol):
             vnc.transport.loseConnection()  # type: ignore[union-attr]
             return
         assert self.transport is not None and vnc.transport is not None
-        self.splice = Splice(self.transport, vnc.transport, self.factory.reactor)  # type: ignore[arg-type]
+        self.splice = Splice(self.transport, vnc.transport, self.factory.reactor)
         self.state = _State.RELAYING
         self.factory.emit(VNCConnected(vnc=self.factory.vnc_description))
         self.splice.start()

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet import reactor
     from twisted.internet.task import react
 
-    site = make_site(config, reactor)  # type: ignore[arg-type]
+    site = make_site(config, reactor)
     print(f"{PROG}: {len(config.users)} user(s), {len(config.devices)} device(s) configured",
           file=sys.stderr, flush=True)
     react(lambda r: Deferred.fromCoroutine(_serve(r, args, site, tls, fingerprint)))

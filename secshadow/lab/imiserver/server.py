@@ -430,7 +430,7 @@ class UMSResource(Resource):
         request.setHeader(b"Allow", allowed)
         return self._json(request, 405, {"message": "Method Not Allowed", "errorCode": None, "stackTrace": None})
 
-    def render(self, request: Request) -> bytes:  # type: ignore[override]
+    def render(self, request: Request) -> bytes:
         path = (request.path or b"/").decode("utf-8", "replace")
         parts = [p for p in path.split("/") if p]
         method = request.method
@@ -612,7 +612,7 @@ class UMSSite(Site):
 def make_site(config: UMSConfig, clock: Clock | None = None) -> UMSSite:
     """The ``twisted.web`` site serving the configuration (``clock`` defaults to the reactor)."""
     if clock is None:
-        from twisted.internet import reactor as clock  # type: ignore[assignment]
+        from twisted.internet import reactor as clock
     assert clock is not None
     return UMSSite(UMSResource(UMSState(config, clock)))
 
