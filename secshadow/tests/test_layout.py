@@ -32,7 +32,7 @@ def test_product_entry_point_loads_no_lab_or_test_module(module: str) -> None:
 def test_wheel_ships_no_tests_and_ships_py_typed(tmp_path: Path) -> None:
     import zipfile
 
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
                     "-w", str(tmp_path), str(ROOT)], check=True, timeout=300, capture_output=True)
     (wheel,) = tmp_path.glob("secshadow-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
