@@ -3,9 +3,10 @@
 ::
 
     from secshadow.api import IMISource, StaticSecret, start_shadowing
+    from secshadow.options import SessionOptions
 
     shadowing = start_shadowing(reactor, IMISource(reactor, url, "27", "admin", password, trust),
-                                on_event=print, viewer=None)
+                                SessionOptions(view_only=True), on_event=print, viewer=None)
     closed = await shadowing.done        # a secshadow.events.Closed
     # or: await shadowing.stop("console closed the tab")
 

@@ -15,6 +15,7 @@ from twisted.internet.defer import DeferredList
 
 from secshadow import events
 from secshadow.api import start_shadowing
+from secshadow.options import SessionOptions
 from secshadow.secret import load_secret
 
 
@@ -28,8 +29,7 @@ def main(reactor, seconds: str, *paths: str):
             if isinstance(event, (events.Listening, events.SessionStarted, events.Closed, events.Pinned)):
                 print(name, event.as_dict(), flush=True)
 
-        shadowing = start_shadowing(reactor, secret, on_event=on_event, viewer=None,
-                                    device_port=secret.port)
+        shadowing = start_shadowing(reactor, secret, SessionOptions(), on_event=on_event, viewer=None)
         # Clean cancellation: stop() closes both sockets, releases the listener and
         # reaps the viewer before done fires (with a Closed whose reason is ours).
         reactor.callLater(float(seconds), shadowing.stop, "time is up")

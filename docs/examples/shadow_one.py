@@ -16,6 +16,7 @@ from twisted.internet.defer import ensureDeferred
 from secshadow import events
 from secshadow.api import IMISource, start_shadowing
 from secshadow.errors import SecShadowError
+from secshadow.options import SessionOptions
 from secshadow.umstrust import UMSTrust
 from secshadow.viewers import launch, resolve_viewer, viewer_argv
 
@@ -34,9 +35,10 @@ async def main(reactor, url: str, device: str, user: str, fingerprint: str, port
     source = IMISource(reactor, url, device, user, os.environ["SECSHADOW_UMS_PASSWORD"],
                        UMSTrust.from_fingerprint(fingerprint))
     spec = resolve_viewer("auto")
+    # SessionOptions checks itself: a bad port or timeout is a UsageError here, not later.
     shadowing = start_shadowing(
-        reactor, source, on_event=on_event, device_port=int(port),
-        viewer=lambda host, port: launch(reactor, spec.name, viewer_argv(spec, host, port)),
+        reactor, source, SessionOptions(device_port=int(port), view_only=False), on_event=on_event,
+        viewer=lambda host, port: launch(reactor, spec.name, viewer_argv(spec, host, port)), viewer_name=spec.name,
     )
     try:
         closed = await shadowing.done
