@@ -213,7 +213,7 @@ def describe(event: events.Event) -> str:
             return f"started viewer {event.viewer} (pid {event.pid})"
         case events.ViewerConnected():
             return f"viewer connected from {event.peer}; sending PROCYCMD"
-        case events.SessionStarted():
+        case events.DeviceAccepted():
             return f"the device accepted the password ({event.rfb_version}); relaying"
         case events.Closed():
             return (f"session closed: {event.reason} ({event.bytes_to_viewer} bytes to the viewer, "

@@ -80,8 +80,9 @@ class ViewerConnected(Event):
 
 
 @dataclass(frozen=True)
-class SessionStarted(Event):
-    """The device accepted the password and sent its RFB ProtocolVersion (RFC 6143 7.1.1)."""
+class DeviceAccepted(Event):
+    """The device accepted the one-time password and sent its RFB ProtocolVersion
+    (RFC 6143 section 7.1.1): relaying starts. JSON name ``session-started`` (the contract's)."""
 
     name: ClassVar[str] = "session-started"
     rfb_version: str
@@ -90,6 +91,10 @@ class SessionStarted(Event):
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in super().as_dict().items() if v is not None}
+
+
+#: The contract's name for :class:`DeviceAccepted`, kept for embedders.
+SessionStarted = DeviceAccepted
 
 
 @dataclass(frozen=True)

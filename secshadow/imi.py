@@ -433,7 +433,7 @@ class _EndpointFactory:
 
 
 class IMIClient:
-    """A session with one UMS over IMI.
+    """A login with one UMS over IMI (its ``JSESSIONID`` cookie is the login's id).
 
     ``reactor``: provides ``IReactorTCP``/``IReactorTime`` (injected, used for the
     connections and the timeouts). ``base_url``: ``https://host:8443`` (see
@@ -473,7 +473,7 @@ class IMIClient:
             self.cookies = CookieJar()
             http_client = HTTPClient(agent, cookiejar=self.cookies)  # type: ignore[arg-type]
         self._http = http_client
-        self._session: str | None = None
+        self._login_id: str | None = None
         self._user: str | None = None
         self._secrets: tuple[str, ...] = ()
 
@@ -484,7 +484,7 @@ class IMIClient:
 
     @property
     def logged_in(self) -> bool:
-        return self._session is not None
+        return self._login_id is not None
 
     def __repr__(self) -> str:
         return f"IMIClient({self.base_url!r}, {self.trust!r}, user={self._user!r})"
@@ -521,9 +521,9 @@ class IMIClient:
     ) -> tuple[int, Headers, bytes]:
         """The request and its body, without a deadline of its own (see :meth:`_request`)."""
         headers = {b"Accept": [b"application/json"]}
-        if self._session is not None:
+        if self._login_id is not None:
             # Explicit, so a plaintext test URL (where a Secure cookie is withheld) works too.
-            headers[b"Cookie"] = [f"JSESSIONID={self._session}".encode("ascii")]
+            headers[b"Cookie"] = [f"JSESSIONID={self._login_id}".encode("ascii")]
         try:
             response = await self._http.request(
                 method, url, headers=headers, auth=auth, allow_redirects=False, unbuffered=True,
@@ -576,11 +576,11 @@ class IMIClient:
             raise UMSError(f"login refused for user {user!r}: wrong user name or password{reason} ({url})")
         if status != 200:
             raise error_from_response(status, body, url=url, user=user, secrets=self._secrets)
-        session = _session_from(headers, body)
-        if session is None:
+        login_id = _session_from(headers, body)
+        if login_id is None:
             raise UMSError(f"bad response from the UMS: login succeeded but no JSESSIONID came back ({url})")
-        self._session = session
-        self._secrets = (password, f"{user}:{password}", session)
+        self._login_id = login_id
+        self._secrets = (password, f"{user}:{password}", login_id)
 
     async def shadow_secret(self, device_id: str) -> ShadowSecret:
         """``GET .../thinclients/{id}?facets=shadow`` (v3, then v2 if v3 is unknown).
@@ -590,7 +590,7 @@ class IMIClient:
         Each call yields a fresh one-time password.
         """
         device_id = validate_device_id(device_id)
-        if self._session is None:
+        if self._login_id is None:
             raise UMSError("not logged in to the UMS")
         quoted = quote(device_id, safe="")
         for version in ("v3", "v2"):
@@ -614,7 +614,7 @@ class IMIClient:
 
     async def logout(self) -> None:
         """``POST /umsapi/v3/logout``, best effort: errors are logged and ignored."""
-        if self._session is None:
+        if self._login_id is None:
             return
         try:
             status, _, _ = await self._request("POST", "umsapi/v3/logout")
@@ -623,7 +623,7 @@ class IMIClient:
         except UMSError as e:
             _log.debug("UMS logout failed: {message}", message=e.message)
         finally:
-            self._session = None
+            self._login_id = None
 
     async def close(self) -> None:
         """Close cached connections (call once done)."""

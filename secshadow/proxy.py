@@ -276,7 +276,7 @@ class ShadowSession:
 
     def _hello(self, hello: Hello) -> None:
         self._enter(S.RELAYING)
-        self._emit(events.SessionStarted(rfb_version=hello.version,
+        self._emit(events.DeviceAccepted(rfb_version=hello.version,
                                          view_only=True if self.options.view_only else None))
 
     def _viewer_left_early(self, conn: ViewerConnection) -> None:

@@ -101,7 +101,7 @@ class UMSSession(IMIClient):
             raise
         finally:
             # Only the session id stays (for redacting server text); never the password.
-            self._secrets = tuple(s for s in (self._session,) if s)
+            self._secrets = tuple(s for s in (self._login_id,) if s)
 
     async def devices(self) -> list[DeviceSummary]:
         """``GET /umsapi/v3/thinclients``: the devices this user may see."""
@@ -122,7 +122,7 @@ class UMSSession(IMIClient):
             return await super().shadow_secret(device_id)
         except UMSError as e:
             if "did not accept the session" in e.message:
-                self._session = None
+                self._login_id = None
                 raise UMSSessionExpired(e.message) from None
             raise
 
@@ -140,11 +140,11 @@ class UMSSession(IMIClient):
             raise self._expired(status, body, f"{self.base_url}/{path}")
 
     def _need_session(self) -> None:
-        if self._session is None:
+        if self._login_id is None:
             raise UMSSessionExpired("not logged in to the UMS (the session ended): log in again")
 
     def _expired(self, status: int, body: bytes, url: str) -> UMSSessionExpired:
-        self._session = None
+        self._login_id = None
         message = error_from_response(status, body, url=url, user=self._user, secrets=self._secrets).message
         return UMSSessionExpired(message)
 
