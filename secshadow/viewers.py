@@ -548,7 +548,7 @@ def markdown_tables() -> str:
             fs_add = _show([a for a in fs if a not in base]) if install.full_screen else ""
             argv_rows.append(
                 f"| `{spec.name}` | {PLATFORM_LABELS[install.platform]} | `{placeholders(_show(base))}` | "
-                + (f"`{vo_add}`" if vo_add else "— (refused)") + " | "
+                + (f"`{vo_add}`" if vo_add else "— (the proxy's filter only)") + " | "
                 + (f"`{fs_add}`" if fs_add else "— (ignored)") + " |")
             names = ", ".join(f"`{n}`" for n in install.executables) or "—"
             places = "<br>".join(f"`{p}`" for p in install.locations) or "—"
