@@ -173,9 +173,15 @@ def _parse_gateway(value: object, where: str) -> GatewayRoute:
     return GatewayRoute(url=target.url, token=GatewayToken(token))
 
 
+def format_fingerprint(digest: bytes) -> str:
+    """A digest as colon-separated upper-case hex, e.g. ``86:49:45:...`` (the one format
+    of every fingerprint secshadow prints: events, messages, the audit record)."""
+    return ":".join(f"{b:02X}" for b in digest)
+
+
 def certificate_fingerprint(der: bytes) -> str:
     """SHA-256 of DER bytes as colon-separated upper-case hex, e.g. ``86:49:45:...``."""
-    return ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
+    return format_fingerprint(hashlib.sha256(der).digest())
 
 
 def parse_certificate(text: str) -> bytes:

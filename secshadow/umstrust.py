@@ -49,7 +49,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from secshadow.errors import UMSError, UsageError
-from secshadow.secret import certificate_fingerprint
+from secshadow.secret import certificate_fingerprint, format_fingerprint
 
 #: ``DEFAULT`` already excludes anonymous and null suites; say so explicitly, because a
 #: cipher string that admits ``aNULL`` lets a certificate-less MITM skip the verify
@@ -87,9 +87,6 @@ def parse_fingerprint(text: str) -> bytes:
         )
     return bytes.fromhex(compact)
 
-
-def _format_fingerprint(digest: bytes) -> str:
-    return ":".join(f"{b:02X}" for b in digest)
 
 
 def _leaf_der(cert: X509) -> bytes:
@@ -273,7 +270,7 @@ class UMSTrust:
     @property
     def fingerprint(self) -> str | None:
         """The pinned SHA-256 as colon-separated upper-case hex, in fingerprint mode."""
-        return None if self._fingerprint is None else _format_fingerprint(self._fingerprint)
+        return None if self._fingerprint is None else format_fingerprint(self._fingerprint)
 
     def describe(self) -> str:
         """A short human description, e.g. for a progress message."""

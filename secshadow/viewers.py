@@ -40,6 +40,10 @@ from twisted.python.failure import Failure
 from secshadow.errors import UsageError, ViewerError
 from secshadow.observe import OneShot
 
+#: VNC display N is TCP port 5900 + N (``host:N``); not the device's TLS port, which
+#: happens to be the same number (``options.DEFAULT_DEVICE_PORT``).
+VNC_DISPLAY_BASE = 5900
+
 log = Logger()
 
 #: Environment variables never passed to a viewer (they hold secrets).
@@ -257,9 +261,10 @@ def _vinagre(r: ViewerRequest) -> list[str]:
 
 def _gvncviewer(r: ViewerRequest) -> list[str]:
     # gvncviewer only understands host:N, display N = TCP port 5900 + N.
-    if r.port < 5900:
-        raise ViewerError(f"gvncviewer cannot reach port {r.port} (below 5900): listen on a port >= 5900")
-    return [f"{r.host}:{r.port - 5900}"]
+    if r.port < VNC_DISPLAY_BASE:
+        raise ViewerError(f"gvncviewer cannot reach port {r.port} (below {VNC_DISPLAY_BASE}): "
+                          f"listen on a port >= {VNC_DISPLAY_BASE}")
+    return [f"{r.host}:{r.port - VNC_DISPLAY_BASE}"]
 
 
 def _screensharing(r: ViewerRequest) -> list[str]:
@@ -380,7 +385,7 @@ def validate_template(template: str) -> list[str]:
 def template_argv(template: str, host: str, port: int, title: str = "secshadow") -> list[str]:
     """argv from a validated template; each token is formatted separately (no shell)."""
     _check_host(host)
-    values = {"host": host, "port": str(port), "display": str(port - 5900), "title": title}
+    values = {"host": host, "port": str(port), "display": str(port - VNC_DISPLAY_BASE), "title": title}
     return [token.format(**values) for token in validate_template(template)]
 
 
