@@ -39,13 +39,10 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
     IAddress,
-    IConsumer,
     IDelayedCall,
     IProtocol,
     IProtocolFactory,
-    IPushProducer,
     IStreamClientEndpoint,
-    ITransport,
 )
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -55,8 +52,8 @@ from zope.interface import implementer
 from secshadow.errors import GatewayError, SecShadowError
 from secshadow.gateway import wire
 from secshadow.gateway.wire import GatewayURL, parse_gateway_url
-from secshadow.relay import push_producer_of
 from secshadow.umstrust import UMSTrust, find_ums_error
+from secshadow.wsstream import AutobahnSide, WebSocketSide, WebSocketStream
 
 log = Logger(namespace="secshadow.gateway")
 
@@ -87,91 +84,28 @@ class GatewayAddress:
     role: str
 
 
-@implementer(ITransport, IPushProducer, IConsumer)
-class GatewayStream:
-    """The transport the inner protocol sees once paired.
+class GatewayStream(WebSocketStream):
+    """The transport the inner protocol sees once paired: a
+    :class:`~secshadow.wsstream.WebSocketStream` over the leg whose writes go out as
+    binary messages of at most :data:`~secshadow.gateway.wire.MAX_MESSAGE` (64 KiB) and
+    whose peer is the :class:`GatewayAddress`. ``loseConnection`` closes with 1000,
+    ``abortConnection`` drops the socket; pausing it stops reading the gateway's socket
+    and ``registerProducer`` registers on that socket's transport."""
 
-    ``write`` sends binary messages (split at 64 KiB); ``loseConnection`` starts a clean
-    WebSocket close (1000), ``abortConnection`` drops the socket. ``pauseProducing`` /
-    ``resumeProducing`` stop and restart reading the gateway's socket;
-    ``registerProducer`` registers on that socket's transport. ``disconnecting`` is
-    true once a close started.
-    """
-
-    def __init__(self, leg: _ClientLeg, address: GatewayAddress) -> None:
-        self._leg = leg
+    def __init__(self, leg: WebSocketSide, address: GatewayAddress) -> None:
+        raw = leg.transport
+        super().__init__(leg, peer=address, host=raw.getHost() if raw is not None else address,
+                         max_message=wire.MAX_MESSAGE)
         self._address = address
-        self.disconnecting = False
-        self.paused = False
-
-    # ITransport
-    def write(self, data: bytes) -> None:
-        leg = self._leg
-        if self.disconnecting or not data or leg.state != leg.STATE_OPEN:
-            return  # the relay is closing: like a closing TCP transport, drop late writes
-        if len(data) <= wire.MAX_MESSAGE:
-            leg.sendMessage(data, isBinary=True)
-            return
-        view = memoryview(data)
-        for start in range(0, len(data), wire.MAX_MESSAGE):
-            leg.sendMessage(bytes(view[start:start + wire.MAX_MESSAGE]), isBinary=True)
-
-    def writeSequence(self, data: Any) -> None:
-        self.write(b"".join(data))
-
-    def loseConnection(self) -> None:
-        if self.disconnecting:
-            return
-        self.disconnecting = True
-        self._leg.close_cleanly()
-
-    def abortConnection(self) -> None:
-        self.disconnecting = True
-        self._leg.abort()
-
-    def getPeer(self) -> GatewayAddress:
-        return self._address
-
-    def getHost(self) -> Any:
-        transport = self._leg.transport
-        return transport.getHost() if transport is not None else self._address
-
-    # IPushProducer: this side's reading
-    def pauseProducing(self) -> None:
-        if not self.paused:
-            self.paused = True
-            self._leg.pause_reading()
-
-    def resumeProducing(self) -> None:
-        if self.paused:
-            self.paused = False
-            self._leg.resume_reading()
-
-    def stopProducing(self) -> None:
-        # As a TCP transport does: the consumer this stream produced for is gone (e.g.
-        # the spliced target connection closed), so close cleanly.
-        self.loseConnection()
-
-    # IConsumer: producers writing into this stream
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        transport = self._leg.transport
-        if transport is None:
-            producer.stopProducing()
-            return
-        transport.registerProducer(producer, streaming)  # type: ignore[attr-defined]
-
-    def unregisterProducer(self) -> None:
-        transport = self._leg.transport
-        if transport is not None:
-            transport.unregisterProducer()  # type: ignore[attr-defined]
 
     def __repr__(self) -> str:
         a = self._address
         return f"GatewayStream({a.role} of {a.sid} via {a.host}:{a.port})"
 
 
-class _ClientLeg(WebSocketClientProtocol):
-    """The WebSocket connection to the gateway; reports to its :class:`_Attempt`."""
+class _ClientLeg(AutobahnSide, WebSocketClientProtocol):  # type: ignore[misc]  # see AutobahnSide
+    """The WebSocket connection to the gateway; reports to its :class:`_Attempt`; the
+    :class:`~secshadow.wsstream.WebSocketSide` of its :class:`GatewayStream`."""
 
     attempt: _Attempt
 
@@ -180,7 +114,6 @@ class _ClientLeg(WebSocketClientProtocol):
         self.http_status: tuple[int, str] | None = None
         self.loss: Failure | None = None
         self.last_rx = 0.0
-        self._reading_paused = False
         self._watchdog: LoopingCall | None = None
 
     def connectionMade(self) -> None:
@@ -218,32 +151,14 @@ class _ClientLeg(WebSocketClientProtocol):
         self.loss = reason
         super().connectionLost(reason)
 
-    # for the stream
-    def pause_reading(self) -> None:
-        if self.transport is not None:
-            self._reading_paused = True
-            push_producer_of(self.transport).pauseProducing()
-
     def resume_reading(self) -> None:
-        if self.transport is not None and self._reading_paused:
-            self._reading_paused = False
-            self.last_rx = self.attempt.clock.seconds()
-            push_producer_of(self.transport).resumeProducing()
-
-    def close_cleanly(self) -> None:
-        self.resume_reading()  # the gateway's answer to the close frame must get in
-        if self.state == self.STATE_OPEN:
-            self.sendClose(wire.CLOSE_NORMAL)
-        elif self.state != self.STATE_CLOSING:
-            self.abort()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+        if self.reading_paused:
+            self.last_rx = self.attempt.clock.seconds()  # silence while paused is ours
+        super().resume_reading()
 
     def _check_silence(self) -> None:
         now = self.attempt.clock.seconds()
-        if self._reading_paused:
+        if self.reading_paused:
             self.last_rx = now
         elif now - self.last_rx > SILENCE_LIMIT:
             log.warn("no byte from the gateway for {s:.0f} s; dropping the connection", s=now - self.last_rx)
@@ -260,7 +175,6 @@ class _Attempt:
         self.factory = factory
         self.stage = "tcp"
         self.leg: _ClientLeg | None = None
-        self.inner: IProtocol | None = None
         self.stream: GatewayStream | None = None
         self.silent = False
         self.result: Deferred[IProtocol] = Deferred(self._cancel)
@@ -335,8 +249,8 @@ class _Attempt:
 
     def message(self, leg: _ClientLeg, payload: bytes, is_binary: bool) -> None:
         if self.stage == "paired":
-            if is_binary and self.inner is not None:
-                self.inner.dataReceived(payload)
+            if is_binary and self.stream is not None:
+                self.stream.deliver(payload)
             elif not is_binary:
                 log.warn("ignoring a text message from the gateway after pairing")
             return
@@ -364,24 +278,20 @@ class _Attempt:
             leg.abort()
             self.result.errback(ierror.NoProtocol())
             return
-        self.inner = inner
         self.stream = GatewayStream(leg, address)
         log.info("paired: session {sid} through {host}:{port}", sid=t.sid, host=t.host, port=t.port)
-        inner.makeConnection(self.stream)
+        self.stream.start(inner)
         self.result.callback(inner)
 
     def closed(self, leg: _ClientLeg, was_clean: bool, code: int | None, reason: str) -> None:
         self._cancel_timer()
         if self.stage == "paired":
-            inner, self.inner = self.inner, None
             if self.stream is not None:
-                self.stream.disconnecting = True
-            if inner is not None:
                 if was_clean and code == wire.CLOSE_NORMAL:
-                    inner.connectionLost(_CONNECTION_DONE)
+                    self.stream.lost(_CONNECTION_DONE)
                 else:
                     detail = "no byte from the gateway for too long" if self.silent else f"close code {code}: {reason}"
-                    inner.connectionLost(Failure(ierror.ConnectionLost(f"the gateway relay ended ({detail})")))
+                    self.stream.lost(Failure(ierror.ConnectionLost(f"the gateway relay ended ({detail})")))
             return
         if not self.result.called:
             self._fail(self._describe_close(leg, was_clean, code, reason))

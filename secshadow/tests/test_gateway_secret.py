@@ -17,6 +17,7 @@ from secshadow.gateway.dialer import GatewayAddress, GatewayStream
 from secshadow.lab import certs
 from secshadow.relay import push_producer_of
 from secshadow.secret import GatewayToken, load_secret
+from secshadow.wsstream import AutobahnSide
 
 TOKEN = "eyJhbGciOiJFZERTQSIsInR5cCI6IkpXVCJ9.eyJzaWQiOiJTMSJ9.c2lnbmF0dXJlLXNlY3JldC14eXo"
 URL = "wss://gw.example:8443/v1/sessions/S1/console"
@@ -76,7 +77,7 @@ def test_gateway_token_equality_and_hash_do_not_leak() -> None:
 # -- GatewayStream, the transport of the paired stream -------------------------------
 
 
-class FakeLeg:
+class FakeLeg(AutobahnSide):
     """Stands for the client WebSocket protocol: messages sent, reading state."""
 
     STATE_OPEN = 3
@@ -86,7 +87,7 @@ class FakeLeg:
         self.transport = StringTransport()
         self.messages: list[tuple[bytes, bool]] = []
         self.reading = True
-        self.closed = False
+        self.closed: int | None = None
         self.aborted = False
 
     def sendMessage(self, payload: bytes, isBinary: bool = False) -> None:
@@ -98,8 +99,8 @@ class FakeLeg:
     def resume_reading(self) -> None:
         self.reading = True
 
-    def close_cleanly(self) -> None:
-        self.closed = True
+    def close_cleanly(self, code: int) -> None:
+        self.closed = code
 
     def abort(self) -> None:
         self.aborted = True
@@ -147,12 +148,12 @@ def test_writes_after_the_websocket_started_closing_are_dropped() -> None:
 def test_lose_and_abort() -> None:
     s, leg = stream()
     s.loseConnection()
-    assert leg.closed and s.disconnecting
+    assert leg.closed == 1000 and s.disconnecting
     s.write(b"late")
     assert leg.messages == []  # nothing after a close started
     s2, leg2 = stream()
     s2.stopProducing()  # like TCP: the consumer is gone, close cleanly
-    assert leg2.closed and not leg2.aborted
+    assert leg2.closed == 1000 and not leg2.aborted
     s3, leg3 = stream()
     s3.abortConnection()
     assert leg3.aborted

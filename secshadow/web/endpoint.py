@@ -8,7 +8,7 @@ RFB, the port is an HTTP(S) site serving a small page, noVNC, and a WebSocket at
 ``url`` carries it in the fragment (never sent in the page request) and its
 ``websocket`` in the query. A WebSocket upgrade with a valid token from an allowed
 ``Origin`` gets the protocol built by the session's factory, over a
-:class:`~secshadow.web.stream.StreamTransport`, so the session sees an ordinary viewer
+:class:`~secshadow.wsstream.WebSocketStream`, so the session sees an ordinary viewer
 connection. Everything else is refused with 403 before the upgrade, and before the
 session's factory is asked for a protocol (so the device sees no ``PROCYCMD``).
 
