@@ -15,8 +15,8 @@ from twisted.web.server import Site
 from secshadow.errors import UMSError, UsageError
 from secshadow.imi import connection_error
 from secshadow.tests._umscerts import Pair, make_ca, make_leaf
-from secshadow.lab.imiserver.server import ServerTLS
 from secshadow.umstrust import UMSTrust, find_ums_error, parse_fingerprint
+from secshadow.web.tls import ServerTLS
 
 
 class Hello(Resource):
@@ -41,7 +41,7 @@ def https_server():
         site = Site(resource)
         site.noisy = False
         tls = ServerTLS(
-            x509.load_pem_x509_certificate(pair.cert_pem),
+            [x509.load_pem_x509_certificate(pair.cert_pem)],
             serialization.load_pem_private_key(pair.key_pem, password=None),
         )
         port = reactor.listenSSL(0, site, tls, interface="127.0.0.1")

@@ -29,8 +29,10 @@ from secshadow.secret import certificate_fingerprint
 
 @implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
-    """One server context for every connection. ``fingerprint``: the leaf's SHA-256
-    (``AA:BB:...``)."""
+    """One server context for every connection, from a certificate ``chain`` (leaf
+    first) and its private ``key`` (``cryptography`` objects). ``fingerprint``: the
+    leaf's SHA-256 (``AA:BB:...``). Serves ``TLSMemoryBIOFactory`` and, through
+    ``getContext``, ``reactor.listenSSL``."""
 
     def __init__(self, chain: list[x509.Certificate], key: Any) -> None:
         context = SSL.Context(SSL.TLS_SERVER_METHOD)
@@ -48,10 +50,14 @@ class ServerTLS:
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802, N803
         return SSL.Connection(self._context, None)
 
+    def getContext(self) -> SSL.Context:  # noqa: N802
+        return self._context
 
-def load_server_tls(cert_path: str, key_path: str) -> ServerTLS:
+
+def load_server_tls(cert_path: str, key_path: str, flags: tuple[str, str] = ("--tls-cert", "--tls-key")) -> ServerTLS:
     """Server TLS from PEM files; raises :class:`UsageError` when they cannot be read or
-    are not a certificate (chain) and its unencrypted key."""
+    are not a certificate (chain) and its unencrypted key. ``flags``: the option names
+    the message gives for the two files."""
     try:
         with open(cert_path, "rb") as f:
             cert_pem = f.read(1024 * 1024)
@@ -64,7 +70,7 @@ def load_server_tls(cert_path: str, key_path: str) -> ServerTLS:
         key = serialization.load_pem_private_key(key_pem, password=None)
         return ServerTLS(chain, key)
     except Exception as e:  # noqa: BLE001 - any parse or pairing failure is a usage error
-        raise UsageError(f"--tls-cert {cert_path} / --tls-key {key_path} are not a PEM certificate and its "
+        raise UsageError(f"{flags[0]} {cert_path} / {flags[1]} {key_path} are not a PEM certificate and its "
                          f"matching unencrypted key ({type(e).__name__})") from None
 
 

@@ -78,18 +78,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from OpenSSL import SSL
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
-from zope.interface import implementer
 
 from secshadow.lab import certs
 from secshadow.errors import SecretError, UsageError
-from secshadow.secret import certificate_fingerprint, parse_certificate
+from secshadow.secret import parse_certificate
+from secshadow.web.tls import ServerTLS, load_server_tls
 
 #: A session ends this many seconds after its last successful request (IMI: 30 minutes).
 SESSION_IDLE_SECONDS = 30 * 60
@@ -651,50 +647,15 @@ def generate_self_signed(directory: str) -> tuple[str, str]:
     return cert_path, key_path
 
 
-@implementer(IOpenSSLServerConnectionCreator)
-class ServerTLS:
-    """Server-side TLS for ``TLSMemoryBIOFactory``: one context, ``DEFAULT`` ciphers, TLS 1.2+.
-
-    Built from ``cryptography`` objects directly (pyOpenSSL's own ``X509``/``PKey``
-    wrappers are deprecated).
-    """
-
-    def __init__(self, certificate: x509.Certificate, key: Any) -> None:
-        context = SSL.Context(SSL.TLS_SERVER_METHOD)
-        context.set_min_proto_version(SSL.TLS1_2_VERSION)
-        context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
-        context.set_cipher_list(b"DEFAULT:!aNULL:!eNULL")
-        context.use_certificate(certificate)
-        context.use_privatekey(key)
-        context.check_privatekey()
-        self._context = context
-
-    def getContext(self) -> SSL.Context:
-        return self._context
-
-    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        return SSL.Connection(self._context, None)
-
-
 def load_tls(cert_path: str, key_path: str) -> tuple[ServerTLS, str]:
-    """Server TLS from PEM files, and the certificate's SHA-256 fingerprint (``AA:BB:...``).
+    """Server TLS from PEM files (the product's :func:`secshadow.web.tls.load_server_tls`:
+    TLS 1.2+, ``DEFAULT`` ciphers), and the certificate's SHA-256 fingerprint
+    (``AA:BB:...``).
 
     Raises :class:`ConfigError` when a file cannot be read or they do not form a pair.
     """
     try:
-        with open(cert_path, "rb") as f:
-            cert_pem = f.read(1024 * 1024)
-        with open(key_path, "rb") as f:
-            key_pem = f.read(1024 * 1024)
-    except OSError as e:
-        raise ConfigError(f"cannot read {e.filename}: {e.strerror or e}") from None
-    try:
-        leaf = x509.load_pem_x509_certificate(cert_pem)
-        key = serialization.load_pem_private_key(key_pem, password=None)
-        tls = ServerTLS(leaf, key)
-    except Exception as e:  # noqa: BLE001 - any parse failure is a config problem
-        raise ConfigError(
-            f"--cert {cert_path} / --key {key_path} are not a PEM certificate and its matching "
-            f"unencrypted key ({type(e).__name__})"
-        ) from None
-    return tls, certificate_fingerprint(leaf.public_bytes(serialization.Encoding.DER))
+        tls = load_server_tls(cert_path, key_path, flags=("--cert", "--key"))
+    except UsageError as e:
+        raise ConfigError(e.message) from None
+    return tls, tls.fingerprint
