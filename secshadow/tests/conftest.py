@@ -11,6 +11,8 @@ import contextlib
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -47,6 +49,35 @@ def lab() -> Iterator[object]:
 
     with start_lab() as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real ``secshadow-gateway`` process (TLS, default flags) for one test module
+    (``secshadow.lab.harness.GatewayProcess``); a module that needs other flags defines
+    its own ``gateway``."""
+    from secshadow.lab.harness import start_gateway
+
+    running = start_gateway(tmp_path_factory.mktemp("gateway"))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    """A real headless Chromium through selenium and Debian's chromedriver (PROTOCOL.md
+    section 5, ``_web_helpers.chromium``), quit at the end of the test."""
+    require_program("chromium")
+    require_program("chromedriver")
+    from secshadow.tests._web_helpers import chromium
+
+    driver = chromium(tmp_path / "chromium-profile")
+    try:
+        yield driver
+    finally:
+        driver.quit()
 
 
 @pytest.fixture(autouse=True)

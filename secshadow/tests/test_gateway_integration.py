@@ -16,20 +16,11 @@ import pytest_twisted
 
 from secshadow.errors import PinMismatch
 from secshadow.lab import certs
-from secshadow.lab.harness import GatewayProcess, Lab, start_agent, start_gateway
+from secshadow.lab.harness import GatewayProcess, Lab, start_agent
 from secshadow.snapshot import read_pixel, take_snapshot
 from secshadow.tests._gateway_helpers import endpoint_for, listen_viewer_port, pinned_through, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    gw = start_gateway(tmp_path_factory.mktemp("gateway"))
-    try:
-        yield gw
-    finally:
-        gw.stop()
 
 
 def session_events(gateway: GatewayProcess, name: str, sid: str) -> list[dict[str, Any]]:

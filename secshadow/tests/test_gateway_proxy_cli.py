@@ -8,23 +8,13 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from secshadow.lab.harness import GatewayProcess, Lab, child_environment, python_module, start_gateway
+from secshadow.lab.harness import GatewayProcess, Lab, child_environment, python_module
 from secshadow.snapshot import read_pixel
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    gw = start_gateway(tmp_path_factory.mktemp("gateway"))
-    try:
-        yield gw
-    finally:
-        gw.stop()
 
 
 def _proxy(lab: Lab, gateway: GatewayProcess, sid: str, token_file: Path, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -24,25 +24,12 @@ from secshadow.lab.harness import Lab, ManagedProcess, child_environment, python
 from secshadow.tests._screens import share_of_colour
 from secshadow.tests._web_helpers import (
     CANVAS_PIXEL,
-    chromium,
     rss_kib,
     wait_for_pixel,
     websocket_handshake,
 )
-from secshadow.tests.conftest import require_program
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Any]:
-    require_program("chromium")
-    require_program("chromedriver")
-    driver = chromium(tmp_path / "chromium-profile")
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def start_endpoint(tmp_path: Path, target_port: int, *extra: str) -> ManagedProcess:

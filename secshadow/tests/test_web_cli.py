@@ -8,26 +8,14 @@ import json
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from secshadow.lab.harness import Lab, child_environment
-from secshadow.tests._web_helpers import chromium, wait_for_pixel
-from secshadow.tests.conftest import require_program
+from secshadow.tests._web_helpers import wait_for_pixel
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Any]:
-    require_program("chromium")
-    require_program("chromedriver")
-    driver = chromium(tmp_path / "chromium-profile")
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def _proxy(lab: Lab, *extra: str) -> subprocess.Popen[str]:
