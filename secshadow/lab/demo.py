@@ -106,6 +106,36 @@ def _browser_path(lab: Any, screenshot: Path) -> None:
         web.stop()
 
 
+def _run_proxy(lab: Any, name: str, argv: list[str], started: float,
+               wait: float) -> tuple[int, float, float | None, ManagedProcess]:
+    """Run secshadow-proxy (``argv``, JSON events) to its end, saying each stage's event
+    up to ``session-started`` with the seconds since ``started`` (``time.monotonic()``),
+    then its ``closed``/``error``. ``wait``: seconds it may run. Returns its exit status,
+    the seconds from ``started`` to its end, those to the first RFB byte (``None`` if it
+    never got there) and the process (for its log). Raises ``subprocess.TimeoutExpired``
+    when it runs longer (it is stopped)."""
+    _say(f"running secshadow-proxy {' '.join(argv[2:])}")
+    proxy = ManagedProcess(name, argv, lab.workdir, env=child_environment())
+    first_frame = None
+    try:
+        for stage in ("secret", "pinned", "listening", "viewer-connected", "session-started"):
+            try:
+                event = proxy.wait_for(stage, timeout=60)
+            except LabError:
+                break
+            elapsed = time.monotonic() - started
+            _say(f"+{elapsed:5.2f} s  {stage}: { {k: v for k, v in event.items() if k != 'event'} }")
+            if stage == "session-started":
+                first_frame = elapsed
+        status = proxy.process.wait(timeout=wait)
+        total = time.monotonic() - started
+    finally:
+        proxy.stop()
+    for event in proxy.named("closed") + proxy.named("error"):
+        _say(f"+{total:5.2f} s  {event['event']}: { {k: v for k, v in event.items() if k != 'event'} }")
+    return status, total, first_frame, proxy
+
+
 def _gateway_path(lab: Any, snapshot: Path) -> int:
     """The device emulator dials out to the lab's gateway; secshadow-proxy fetches the
     secret (which names the gateway leg and carries the console token) and saves one
@@ -116,25 +146,7 @@ def _gateway_path(lab: Any, snapshot: Path) -> int:
     device = lab.start_dialing_device(lab.gateway, lab.gateway_sid)
     snapshot.parent.mkdir(parents=True, exist_ok=True)
     argv = lab.proxy_argv("--json", "--snapshot", str(snapshot), *lab.gateway.trust_args())
-    _say(f"running secshadow-proxy {' '.join(argv[2:])}")
-    proxy = ManagedProcess("gateway-proxy", argv, lab.workdir, env=child_environment())
-    first_frame = None
-    try:
-        for name in ("secret", "pinned", "listening", "viewer-connected", "session-started"):
-            try:
-                event = proxy.wait_for(name, timeout=60)
-            except LabError:
-                break
-            elapsed = time.monotonic() - started
-            _say(f"+{elapsed:5.2f} s  {name}: { {k: v for k, v in event.items() if k != 'event'} }")
-            if name == "session-started":
-                first_frame = elapsed
-        status = proxy.process.wait(timeout=120)
-        total = time.monotonic() - started
-    finally:
-        proxy.stop()
-    for event in proxy.named("closed") + proxy.named("error"):
-        _say(f"+{total:5.2f} s  {event['event']}: { {k: v for k, v in event.items() if k != 'event'} }")
+    status, total, first_frame, proxy = _run_proxy(lab, "gateway-proxy", argv, started, wait=120)
     if status == 0:  # the device's session ends with the proxy's; give it a moment to say so
         try:
             device.process.wait(timeout=20)
@@ -218,26 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             extra += ["--viewer", "tigervnc"]
             _say("a TigerVNC window will open: close it to end the session")
-        argv_shown = " ".join(lab.proxy_argv(*extra)[2:])
-        _say(f"running secshadow-proxy {argv_shown}")
-        started = time.monotonic()
-        proxy = ManagedProcess("proxy", lab.proxy_argv(*extra), lab.workdir, env=child_environment())
-        first_frame = None
-        for name in ("secret", "pinned", "listening", "viewer-connected", "session-started"):
-            try:
-                event = proxy.wait_for(name, timeout=60)
-            except LabError:
-                break
-            elapsed = time.monotonic() - started
-            details = {k: v for k, v in event.items() if k != "event"}
-            _say(f"+{elapsed:5.2f} s  {name}: {details}")
-            if name == "session-started":
-                first_frame = elapsed
-        status = proxy.process.wait(timeout=600)
-        total = time.monotonic() - started
-        proxy.stop()
-        for event in proxy.named("closed") + proxy.named("error"):
-            _say(f"+{total:5.2f} s  {event['event']}: { {k: v for k, v in event.items() if k != 'event'} }")
+        status, total, first_frame, proxy = _run_proxy(lab, "proxy", lab.proxy_argv(*extra), time.monotonic(),
+                                                       wait=600)
         if status != 0:
             _say(f"secshadow-proxy exited {status}; its messages:\n{proxy.log_tail(30)}")
         elif mode == "snapshot":
