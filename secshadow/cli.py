@@ -539,6 +539,11 @@ def _install_signals(reactor: Any, stop: Any) -> None:
 async def _run_control(reactor: Any, args: argparse.Namespace, output: Output, install_signals: bool) -> int:
     """``--control stdio``: serve JSON-lines requests until shutdown or end of input."""
     from secshadow.control import Controller, serve_stdio
+    from secshadow.hygiene import DESCRIPTORS_PER_SESSION, raise_descriptor_limit
+
+    soft, _ = raise_descriptor_limit()
+    output.say(f"control mode: up to about {soft // DESCRIPTORS_PER_SESSION} sessions at once "
+               f"(file descriptor limit {soft})")
 
     ums = None
     if args.ums is not None:

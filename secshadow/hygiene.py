@@ -61,3 +61,24 @@ def make_undumpable() -> bool:
     except (OSError, AttributeError):
         return False
     return undumpable and no_cores
+
+
+#: File descriptors one session may hold at once (viewer, device, listener, and a spare).
+DESCRIPTORS_PER_SESSION = 2
+
+
+def raise_descriptor_limit() -> tuple[int, int]:
+    """Raise this process's soft ``RLIMIT_NOFILE`` to its hard limit (control mode: each
+    session holds two sockets, so 5000 sessions need over 10,000 descriptors, and the
+    common soft limit is 1024). Returns the (soft, hard) limits in force afterwards;
+    never raises."""
+    import resource  # POSIX only, like RLIMIT_CORE above
+
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return resource.getrlimit(resource.RLIMIT_NOFILE)

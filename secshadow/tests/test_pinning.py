@@ -7,7 +7,7 @@ from OpenSSL import SSL
 
 from secshadow.lab import certs
 from secshadow.errors import PinMismatch, TLSHandshakeError, UsageError
-from secshadow.pinning import PinnedConnectionCreator, TLSProfile, build_context, check_peer
+from secshadow.pinning import PinnedConnectionCreator, TLSProfile, build_context, check_peer, shared_context
 from secshadow.tests._tls import ServerCreator, der_of, pinned_pair
 
 CERT, KEY = certs.generate_self_signed()  # name-less, like IGEL's sample
@@ -89,9 +89,8 @@ def test_check_peer_refuses_a_connection_without_or_with_another_certificate():
         check_peer(Other(), PINNED)  # type: ignore[arg-type]
 
 
-def test_contexts_never_resume_or_renegotiate_and_are_fresh():
-    a, b = build_context(TLSProfile.MODERN), build_context(TLSProfile.MODERN)
-    assert a is not b
+def test_contexts_never_resume_or_renegotiate():
+    a = build_context(TLSProfile.MODERN)
     options = a.set_options(0)
     for flag in (SSL.OP_NO_TICKET, SSL.OP_NO_RENEGOTIATION, SSL.OP_NO_COMPRESSION):
         assert options & flag
@@ -108,3 +107,22 @@ def test_profile_names():
     assert TLSProfile.parse("legacy") is TLSProfile.LEGACY
     with pytest.raises(UsageError):
         TLSProfile.parse("weak")
+
+
+def test_the_shared_context_carries_no_pin_each_connection_has_its_own():
+    # Two handshakes through the one shared context, one after the other: the right pin
+    # passes, a wrong pin right after it still fails (the pin is per connection), and a
+    # third connection with the right pin is a full handshake again (no session to resume).
+    assert shared_context(TLSProfile.MODERN) is shared_context(TLSProfile.MODERN)
+    assert shared_context(TLSProfile.MODERN) is not shared_context(TLSProfile.LEGACY)
+    first = pinned_pair(PINNED, ServerCreator(CERT, KEY))
+    assert first.errors == [] and first.link.tls_version == "TLSv1.3"
+    twin_cert, _ = certs.twin_of(CERT)
+    wrong = pinned_pair(der_of(twin_cert), ServerCreator(CERT, KEY))
+    assert len(wrong.errors) == 1 and isinstance(wrong.errors[0], PinMismatch)
+    again = pinned_pair(PINNED, ServerCreator(CERT, KEY))
+    assert again.errors == []
+    from OpenSSL._util import lib  # test-only: pyOpenSSL exposes no session_reused()
+
+    assert lib.SSL_session_reused(again.link.transport.getHandle()._ssl) == 0
+    assert shared_context(TLSProfile.MODERN).get_session_cache_mode() == SSL.SESS_CACHE_OFF

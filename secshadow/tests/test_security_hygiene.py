@@ -337,3 +337,24 @@ def test_make_undumpable_leaves_no_core_and_no_ptrace_by_the_same_user():
     report = json.loads(run.stdout)
     assert report["before"][0] == 1 and report["before"][1] != [0, 0]  # the check can see a change
     assert report == {"ok": True, "before": report["before"], "after": [0, [0, 0]]}
+
+
+@pytest.mark.integration
+def test_control_mode_raises_the_descriptor_limit_to_the_hard_one() -> None:
+    import resource
+    import subprocess
+    import sys
+
+    from secshadow.lab.harness import child_environment
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(256, hard)
+    code = (
+        "import resource, sys\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({low}, {hard if hard != resource.RLIM_INFINITY else -1}))\n"
+        "from secshadow.hygiene import raise_descriptor_limit\n"
+        "print(*raise_descriptor_limit())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60,
+                         env=child_environment()).stdout.split()
+    assert int(out[0]) == (hard if hard != resource.RLIM_INFINITY else 1 << 20) > low
