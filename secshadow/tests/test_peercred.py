@@ -196,3 +196,49 @@ def test_owner_lookup_skips_listeners_and_time_wait_entries() -> None:
     assert owner_in_tables([header + time_wait + listening], peer=peer, ours=ours) is None
     assert owner_in_tables([header + time_wait + established], peer=peer, ours=ours) == 1000
     assert owner_in_tables([header + "garbage line\n" + established], peer=peer, ours=ours) == 1000
+
+
+@linux_root
+@pytest.mark.integration
+@pytest.mark.parametrize("family, host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")], ids=["ipv4", "ipv6"])
+def test_sock_diag_and_the_proc_tables_name_the_same_owner(family: int, host: str) -> None:
+    # Both ways of finding the peer socket's owner (the netlink exact lookup, and the
+    # /proc/net/tcp* fallback) agree on a real client of uid 65534 and on one of root.
+    from secshadow import peercred
+
+    if family == socket.AF_INET6 and not ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    for uid in (NOBODY, None):
+        with socket.socket(family, socket.SOCK_STREAM) as server:
+            server.bind((host, 0))
+            server.listen(1)
+            pid = connect_as(uid, family, server.getsockname()[:2])
+            server.settimeout(10)
+            conn, _ = server.accept()
+            with conn:
+                ours = peercred._normalise(*conn.getsockname()[:2])
+                peer = peercred._normalise(*conn.getpeername()[:2])
+                by_netlink = peercred.sock_diag_owner(peer=peer, ours=ours)
+                tables = [Path(p).read_text() for p in ("/proc/net/tcp", "/proc/net/tcp6") if Path(p).exists()]
+                by_tables = owner_in_tables(tables, peer=peer, ours=ours)
+            assert reap(pid) == 0
+        expected = NOBODY if uid is not None else 0
+        assert (by_netlink, by_tables) == (expected, expected)
+
+
+@linux_root
+@pytest.mark.integration
+def test_the_proc_fallback_is_used_when_netlink_cannot_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from secshadow import peercred
+
+    monkeypatch.setattr(peercred, "sock_diag_owner", lambda **kw: peercred._UNAVAILABLE)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        pid = connect_as(NOBODY, socket.AF_INET, server.getsockname())
+        server.settimeout(10)
+        conn, _ = server.accept()
+        with conn:
+            got = peercred._tcp_peer_uid(conn)
+        assert reap(pid) == 0
+    assert got == NOBODY
