@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(see docs/cli.md, Control mode)")
     parser.add_argument("--audit", metavar="FILE",
                         help="append one JSON line per session to FILE (created with mode 0600; docs/cli.md)")
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages on standard error")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on standard error")
     return parser
@@ -454,6 +454,10 @@ async def run(reactor: Any, argv: Sequence[str], stdin: IO[bytes], stdout: IO[st
     try:
         args = build_parser().parse_args(list(argv))
         output = Output(args.json, stdout, stderr, quiet=args.quiet)
+        if args.version:
+            stdout.write(f"{PROG} {__version__}\n")
+            stdout.flush()
+            return 0
         if start_logging:
             _start_logging(output, args.verbose)
         _check_arguments(args)
