@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from secshadow.lab.harness import Lab, child_environment
+from secshadow.tests.conftest import require_program
 from secshadow.tests._web_helpers import wait_for_pixel
 
 pytestmark = pytest.mark.integration
@@ -82,3 +83,30 @@ def test_missing_novnc_is_a_usage_error_that_says_how_to_install_it(lab: Lab, tm
     out, err = process.communicate(timeout=60)
     assert process.returncode == 2
     assert "npm" in err
+
+
+def test_viewer_browser_opens_the_default_browser_without_the_token_on_argv(lab: Lab, tmp_path: Path):
+    # The "default browser" is a real headless Chromium behind $BROWSER (a wrapper that
+    # records its argv): the proxy hands it the mode-0600 redirect file, never the URL.
+    require_program("chromium")
+    argv_file, shot = tmp_path / "argv", tmp_path / "shot.png"
+    wrapper = tmp_path / "browser.sh"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" > {argv_file}\n'
+        'exec chromium --headless --no-sandbox --disable-gpu --no-first-run --disable-background-networking '
+        f'--disable-component-update --disable-sync --user-data-dir={tmp_path / "profile"} '
+        f'--window-size=900,700 --virtual-time-budget=15000 --screenshot={shot} "file://$1"\n')
+    wrapper.chmod(0o700)
+    env = {**child_environment(), "BROWSER": str(wrapper)}
+    done = subprocess.run(lab.proxy_argv("--viewer", "browser", "--json"), capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    names = [e["event"] for e in events]
+    assert names[-3:] == ["viewer-connected", "session-started", "closed"]  # the browser came through the token
+    listening = next(e for e in events if e["event"] == "listening")
+    token = listening["websocket"].rsplit("token=", 1)[1].split("&")[0]
+    opened = argv_file.read_text().split()
+    assert len(opened) == 1 and opened[0].endswith("/open.html") and token not in argv_file.read_text()
+    assert not Path(opened[0]).exists()  # the redirect file is gone once the session ended
