@@ -81,19 +81,26 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture(autouse=True)
-def unit_tests_open_no_real_socket(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A test not marked ``integration`` must not bind or connect a real socket: the
-    fast half stays fast and deterministic (DESIGN.md: fakes below, real programs
-    above). ``socketpair`` (Twisted's waker, in-memory pairs) stays allowed."""
+def unit_tests_use_no_real_socket_or_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test not marked ``integration`` must not bind or connect a real socket, nor
+    start a process: the fast half stays fast and deterministic (DESIGN.md: fakes
+    below, real programs above). ``socketpair`` (Twisted's waker, in-memory pairs)
+    stays allowed."""
     if request.node.get_closest_marker("integration") is not None:
         return
     import socket
+    import subprocess
 
-    def refuse(self: socket.socket, *args: object, **kwargs: object) -> None:
-        raise AssertionError("a unit test used a real socket: mark it @pytest.mark.integration")
+    from twisted.internet import process
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a unit test used a real socket or started a process: "
+                             "mark it @pytest.mark.integration")
 
     for name in ("bind", "connect", "connect_ex"):
         monkeypatch.setattr(socket.socket, name, refuse)
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(process.Process, "__init__", refuse)
 
 
 _collectors: list[list[str]] = []
@@ -121,7 +128,9 @@ def unhandled_deferred_errors() -> Iterator[list[str]]:
     _collectors.append(seen)
     try:
         yield seen
-        gc.collect()
+        # The young generations hold what the test made; a full collection per test
+        # would cost 40 s over the unit half.
+        gc.collect(1)
     finally:
         _collectors.remove(seen)
         if not _collectors:

@@ -217,6 +217,7 @@ def test_a_directory_and_a_device_are_refused(tmp_path: Path) -> None:
             AuditLog(path)
 
 
+@pytest.mark.integration
 def test_a_fifo_without_a_reader_is_refused_without_blocking(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo, 0o600)
@@ -285,6 +286,7 @@ def _try_open_as(path: Path, uid: int | None) -> tuple[int, str]:
     return done.returncode, done.stdout.strip() + done.stderr.strip()
 
 
+@pytest.mark.integration
 def test_a_directory_that_is_not_writable_is_refused(tmp_path: Path) -> None:
     if os.geteuid() == 0:
         # Root writes anywhere: the refusal is shown as the user nobody, in a directory
@@ -308,6 +310,7 @@ def test_a_directory_that_is_not_writable_is_refused(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- concurrency
 
 
+@pytest.mark.integration
 def test_two_processes_appending_to_one_file_leave_only_whole_lines(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     AuditLog(path).close()

@@ -47,6 +47,7 @@ def test_gnutls_only_profiles_are_refused_by_the_openssl_emulator_with_a_pointer
 EMULATOR_PROFILES = [p.name for p in PROFILES.values() if p.emulator_capable]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", EMULATOR_PROFILES)
 @pytest.mark.parametrize("client", list(TLSProfile))
 def test_emulator_profile_handshake_matches_its_expectation(name: str, client: TLSProfile) -> None:

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PRODUCT_ENTRY_POINTS = ["secshadow.cli", "secshadow.api", "secshadow.control"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("module", PRODUCT_ENTRY_POINTS)
 def test_product_entry_point_loads_no_lab_or_test_module(module: str) -> None:
     code = (

@@ -24,6 +24,7 @@ def test_default_is_igel_sample_made_worse(sample: tuple[bytes, bytes]) -> None:
     assert b"PRIVATE KEY" in sample[1]
 
 
+@pytest.mark.integration
 def test_openssl_itself_reads_v1_md5(sample: tuple[bytes, bytes]) -> None:
     text = subprocess.run(["openssl", "x509", "-noout", "-text"], input=sample[0], capture_output=True,
                           check=True).stdout.decode()
@@ -33,6 +34,7 @@ def test_openssl_itself_reads_v1_md5(sample: tuple[bytes, bytes]) -> None:
     assert "X509v3" not in text  # no extensions at all
 
 
+@pytest.mark.integration
 def test_sha1_v3_spec() -> None:
     require_program("openssl")
     cert, _ = generate_legacy_pair("rsa2048-sha1")
@@ -40,6 +42,7 @@ def test_sha1_v3_spec() -> None:
     assert (info["version"], info["signature"], info["key_bits"], info["expired"]) == (3, "sha1", 2048, False)
 
 
+@pytest.mark.integration
 def test_twin_looks_identical_but_is_another_certificate(sample: tuple[bytes, bytes]) -> None:
     twin_cert, twin_key = legacy_twin(sample[0])
     a, b = x509.load_pem_x509_certificate(sample[0]), x509.load_pem_x509_certificate(twin_cert)

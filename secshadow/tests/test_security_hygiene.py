@@ -165,6 +165,7 @@ def test_no_secret_in_output_when_the_device_rejects(tmp_path: Path, verbosity: 
     assert password.encode() not in _cmdline(os.getpid())
 
 
+@pytest.mark.integration
 def test_ums_password_cannot_be_given_on_argv_and_is_not_echoed():
     secret = "hunter2-" + uuid.uuid4().hex
     run = run_cli(["--ums", "https://127.0.0.1:1", "--device", "27", "--ums-user", "admin",
@@ -202,6 +203,7 @@ def test_ums_password_comes_from_a_file_or_the_environment(tmp_path: Path, how: 
     assert secret not in run.stdout + run.stderr
 
 
+@pytest.mark.integration
 def test_without_file_or_environment_there_is_no_ums_password():
     env = child_environment()
     env.pop("SECSHADOW_UMS_PASSWORD", None)
@@ -317,6 +319,7 @@ print(json.dumps({"ok": ok, "before": before, "after": after}))
 """
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_DUMPABLE) is Linux only")
 def test_make_undumpable_leaves_no_core_and_no_ptrace_by_the_same_user():
     """In a fresh process (dumpable, core limit unlimited): after ``make_undumpable()``

@@ -271,6 +271,7 @@ def _with_timeout(d: defer.Deferred, seconds: float) -> defer.Deferred:
     return d.addTimeout(seconds, reactor)
 
 
+@pytest.mark.integration
 @pytest_twisted.inlineCallbacks
 def test_terminate_stops_and_reaps_a_real_process():
     viewer = launch(reactor, "sleeper", ["sleep", "30"])
@@ -289,6 +290,7 @@ def test_terminate_stops_and_reaps_a_real_process():
     assert not [c for c in reactor.getDelayedCalls() if c.active() and c.func == viewer._signal]
 
 
+@pytest.mark.integration
 @pytest_twisted.inlineCallbacks
 def test_a_viewer_ignoring_sigterm_is_killed_after_the_grace():
     # exec: the shell becomes the TERM-ignoring sleep (ignored signals survive exec).
@@ -302,6 +304,7 @@ def test_a_viewer_ignoring_sigterm_is_killed_after_the_grace():
     assert viewer.exit_status is None
 
 
+@pytest.mark.integration
 @pytest_twisted.inlineCallbacks
 def test_terminate_of_a_sigterm_ignoring_shell_with_a_child_finishes_after_the_grace():
     """The brief's case verbatim: ``sh -c 'trap "" TERM; sleep 30'``.
@@ -340,6 +343,7 @@ def test_terminate_of_a_sigterm_ignoring_shell_with_a_child_finishes_after_the_g
             yield _with_timeout(viewer.wait(), 5)
 
 
+@pytest.mark.integration
 @pytest_twisted.inlineCallbacks
 def test_wait_gives_the_exit_status():
     viewer = launch(reactor, "three", ["sh", "-c", "exit 3"])
@@ -351,6 +355,7 @@ def test_wait_gives_the_exit_status():
     assert (yield _with_timeout(ok.wait(), 5)) == 0
 
 
+@pytest.mark.integration
 @pytest_twisted.inlineCallbacks
 def test_several_waiters_all_fire():
     viewer = launch(reactor, "short", ["sh", "-c", "sleep 0.1; exit 5"])
@@ -365,6 +370,7 @@ def test_launch_of_a_missing_executable_is_a_viewer_error(tmp_path: Path) -> Non
         launch(reactor, "missing", [str(tmp_path / "no-such-viewer"), "127.0.0.1::5900"])
 
 
+@pytest.mark.integration
 @pytest_twisted.inlineCallbacks
 def test_viewer_environment_reaches_the_process_without_the_ums_password(tmp_path: Path):
     out = tmp_path / "env.txt"
@@ -380,6 +386,7 @@ def test_viewer_environment_reaches_the_process_without_the_ums_password(tmp_pat
     assert "hunter2" not in text and "SECSHADOW_UMS_PASSWORD" not in text
 
 
+@pytest.mark.integration
 @pytest_twisted.inlineCallbacks
 def test_viewer_output_goes_to_the_log_not_to_stdout(capfd: pytest.CaptureFixture[str]):
     events: list[LogEvent] = []
