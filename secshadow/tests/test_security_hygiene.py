@@ -113,7 +113,8 @@ def test_no_secret_in_argv_environ_output_events_or_files(ums_lab: Lab, tmp_path
     try:
         proxy.wait_for("session-started", timeout=30)
         deadline = time.monotonic() + 10
-        while not marker.exists() and time.monotonic() < deadline:
+        # The viewer writes its pid; wait for the whole number, not just the file.
+        while not (marker.exists() and marker.read_text().strip().isdigit()) and time.monotonic() < deadline:
             time.sleep(0.05)
         viewer_pid = int(marker.read_text())
         proxy_cmdline, viewer_cmdline = _cmdline(proxy.process.pid), _cmdline(viewer_pid)
