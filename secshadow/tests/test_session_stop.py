@@ -27,6 +27,7 @@ from secshadow.options import SessionOptions
 from secshadow.proxy import SessionState, ShadowSession
 from secshadow.secret import OneTimePassword, ShadowSecret
 from secshadow.tests._tls import der_of
+from secshadow.tests.test_proxy import FakeViewer
 from secshadow.tunnel import DeviceLink, PinnedDialer
 
 CERT, _ = certs.generate_self_signed()
@@ -78,23 +79,7 @@ class Dials:
         return succeed(link)
 
 
-class Viewer:
-    name, pid = "fake", 4242
-
-    def __init__(self) -> None:
-        self.exited: Deferred[int | None] = Deferred()
-        self.terminated = False
-
-    def wait(self) -> Deferred[int | None]:
-        d: Deferred[int | None] = Deferred()
-        self.exited.addBoth(lambda r: (d.callback(r), r)[1])
-        return d
-
-    def terminate(self, grace: float = 5.0) -> Deferred[None]:
-        self.terminated = True
-        if not self.exited.called:
-            self.exited.callback(None)
-        return succeed(None)
+Viewer = FakeViewer  # the launched viewer, as the session sees it
 
 
 class Run:
