@@ -32,6 +32,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from secshadow.errors import ViewerError
+from secshadow.observe import OneShot
 from secshadow.viewers import TERMINATE_GRACE, ViewerProcess, launch
 
 log = Logger()
@@ -93,8 +94,7 @@ class BrowserHandle:
         self.path = path
         self.pid = opener.pid
         self.exit_status: int | None = None
-        self.ended = False
-        self._waiters: list[Deferred[int | None]] = []
+        self._ended: OneShot[int | None] = OneShot()
         self._cleanup: IDelayedCall | None = clock.callLater(FILE_LIFETIME, self._remove_file)
         opener.wait().addCallback(self._opener_exited)
 
@@ -111,23 +111,20 @@ class BrowserHandle:
         self._cleanup = None
         shutil.rmtree(self.path.parent, ignore_errors=True)
 
+    @property
+    def ended(self) -> bool:
+        return self._ended.done
+
     def _end(self, status: int | None) -> None:
         if self.ended:
             return
-        self.ended = True
         self.exit_status = status
         self._remove_file()
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(status)
+        self._ended.fire(status)
 
     def wait(self) -> Deferred[int | None]:
         """Fires with the opener's exit status if it failed, or ``None`` after :meth:`terminate`."""
-        if self.ended:
-            return succeed(self.exit_status)
-        waiter: Deferred[int | None] = Deferred()
-        self._waiters.append(waiter)
-        return waiter
+        return self._ended.when_done()
 
     def terminate(self, grace: float = TERMINATE_GRACE) -> Deferred[None]:
         """Remove the redirect file and stop the opener if it still runs (the tab itself
