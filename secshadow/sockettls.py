@@ -203,17 +203,20 @@ class SocketTLS:
         conn = self._conn
         assert conn is not None
         while self._out:
-            chunk = self._out[0]  # retried as the very same object after WantWrite (OpenSSL wants it)
+            chunk = self._out[0]  # after WantWrite, retried as the same object
             try:
-                conn.send(chunk)
+                sent = conn.send(chunk)
             except (SSL.WantWriteError, SSL.WantReadError):
                 self._interest()
                 return
             except SSL.Error as e:
                 self._close(Failure(ierror.ConnectionLost(str(e))))
                 return
-            self._out.popleft()
-            self.out_size -= len(chunk)
+            self.out_size -= sent
+            if sent < len(chunk):  # pyOpenSSL's contexts allow partial writes: keep the rest
+                self._out[0] = chunk[sent:]
+            else:
+                self._out.popleft()
         if self._producer is not None and self._producer_paused:
             self._producer_paused = False
             self._producer.resumeProducing()

@@ -76,6 +76,7 @@ class FakeTLS:
         self.records: deque[Any] = deque()
         self.sent: list[bytes] = []
         self.blocked = False
+        self.window = 10**9  # bytes one send accepts (pyOpenSSL's contexts allow partial writes)
         self.attempts: list[bytes] = []
         self.shutdowns = 0
         self.recv_calls = 0
@@ -103,8 +104,9 @@ class FakeTLS:
         self.attempts.append(data)
         if self.blocked:
             raise SSL.WantWriteError()
-        self.sent.append(data)
-        return len(data)
+        n = min(len(data), self.window)
+        self.sent.append(data[:n])
+        return n
 
     def shutdown(self) -> bool:
         self.shutdowns += 1
@@ -200,6 +202,14 @@ def test_a_blocked_write_is_retried_with_the_same_object_and_pauses_the_producer
     tls.doWrite()
     assert conn.attempts[-1] is big and conn.sent == [big]  # OpenSSL's retry rule
     assert paused == ["pause", "resume"] and tls not in reactor.writers and tls.out_size == 0
+
+
+def test_a_partial_write_keeps_the_rest_in_order():
+    reactor, tls, conn, _, _ = open_tls()
+    conn.window = 4
+    tls.write(b"0123456789")
+    tls.write(b"ab")
+    assert b"".join(conn.sent) == b"0123456789ab" and tls.out_size == 0
 
 
 def test_lose_connection_sends_what_waits_then_close_notify_and_ends_with_the_peer():
