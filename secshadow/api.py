@@ -37,10 +37,10 @@ from secshadow.proxy import ShadowSession, ViewerLauncher
 from secshadow.reactor import SessionReactor
 from secshadow.secret import ShadowSecret
 from secshadow.tunnel import DeviceDialer
-from secshadow.umstrust import UMSTrust
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported when used: the CLI's start stays light
     from secshadow.audit import AuditLog
+    from secshadow.umstrust import UMSTrust
 
 log = Logger()
 

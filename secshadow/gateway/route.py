@@ -9,7 +9,7 @@ The gateway's WebSocket client (autobahn) is imported only when a route is used.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 
@@ -17,7 +17,9 @@ from secshadow.errors import UsageError
 from secshadow.pinning import TLSProfile
 from secshadow.secret import ShadowSecret
 from secshadow.tunnel import DeviceLink, connect_pinned
-from secshadow.umstrust import UMSTrust
+
+if TYPE_CHECKING:
+    from secshadow.umstrust import UMSTrust
 
 
 class RoutedDialer:
@@ -37,7 +39,10 @@ class RoutedDialer:
             raise UsageError("--gateway-token-file needs --gateway URL (or a secret that names the gateway)")
         self._reactor = reactor
         self._url, self._token = url, token
-        self._trust = _gateway_trust(ca_file, fingerprint)
+        self._trust_flags = (ca_file, fingerprint)
+        # Bad trust flags fail now; the trust itself (and twisted.web) loads when a route is used.
+        self._trust: UMSTrust | None = None if ca_file is None and fingerprint is None else \
+            _gateway_trust(ca_file, fingerprint)
         #: What the last dial used: ``"tcp"`` or ``"gateway"`` (the audit record's ``transport``).
         self.transport = "gateway" if url else "tcp"
 
@@ -55,6 +60,8 @@ class RoutedDialer:
         from secshadow.gateway.dialer import gateway_endpoint_factory
 
         self.transport = "gateway"
+        if self._trust is None:
+            self._trust = _gateway_trust(*self._trust_flags)
         factory = gateway_endpoint_factory(self._reactor, url, token, self._trust)
         return connect_pinned(self._reactor, host, port, secret.certificate_der, profile, timeout, factory)
 
@@ -64,6 +71,8 @@ class RoutedDialer:
 
 def _gateway_trust(ca_file: str | None, fingerprint: str | None) -> UMSTrust:
     if ca_file is None and fingerprint is None:
+        from secshadow.umstrust import UMSTrust
+
         return UMSTrust.system()
     from secshadow.gateway.dialer import gateway_trust
 
