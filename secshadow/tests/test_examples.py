@@ -52,7 +52,13 @@ def test_shadow_one_with_a_real_viewer(lab: Lab, tmp_path: Path):
         viewer = example.wait_for("viewer-started", timeout=30)
         example.wait_for("session-started", timeout=30)
         os.kill(viewer["pid"], signal.SIGTERM)  # the user closes the viewer
-        assert example.process.wait(timeout=20) == 0, example.log_tail()
+        try:
+            status = example.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            alive = os.path.exists(f"/proc/{viewer['pid']}")
+            pytest.fail(f"the example did not end within 20 s of the viewer's SIGTERM (viewer still "
+                        f"running: {alive}):\n{example.log_tail()}")
+        assert status == 0, example.log_tail()
         closed = example.wait_for("closed", timeout=5)
         assert closed["reason"] == "viewer disconnected"
     finally:
