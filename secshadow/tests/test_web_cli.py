@@ -110,3 +110,28 @@ def test_viewer_browser_opens_the_default_browser_without_the_token_on_argv(lab:
     opened = argv_file.read_text().split()
     assert len(opened) == 1 and opened[0].endswith("/open.html") and token not in argv_file.read_text()
     assert not Path(opened[0]).exists()  # the redirect file is gone once the session ended
+
+
+def test_web_origin_and_frame_ancestors_flags_reach_the_page_and_the_websocket(lab: Lab):
+    # A console serving its own noVNC from another origin (--web-origin) may open the
+    # WebSocket; any other foreign origin may not; --web-frame-ancestors is the page's CSP.
+    import urllib.request
+
+    from secshadow.tests._web_helpers import websocket_handshake
+
+    console = "https://console.example"
+    process = _proxy(lab, "--web", "--web-origin", console, "--web-frame-ancestors", console)
+    try:
+        listening = _events_until(process, "listening")[-1]
+        assert listening["event"] == "listening", listening
+        with urllib.request.urlopen(listening["url"].split("#", 1)[0], timeout=10) as page:  # noqa: S310
+            assert f"frame-ancestors {console}" in page.headers["Content-Security-Policy"]
+        path = listening["websocket"].split(str(listening["port"]), 1)[1]
+        refused, sock = websocket_handshake(listening["port"], path, origin="https://evil.example")
+        sock.close()
+        accepted, sock = websocket_handshake(listening["port"], path, origin=console)
+        sock.close()
+        assert (refused, accepted) == (403, 101)
+    finally:
+        process.kill()
+        process.communicate()
