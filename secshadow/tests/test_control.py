@@ -198,3 +198,31 @@ def test_an_over_long_line_inside_one_read_does_not_swallow_the_requests_after_i
     reader = _Requests(controller)
     reader.dataReceived(b"y" * (MAX_REQUEST_BYTES + 1) + b'\n{"op": "list"}\n{"op": "list"}\n')
     assert [line["event"] for line in lines] == ["error", "sessions", "sessions"]
+
+
+@pytest.mark.integration
+def test_control_mode_web_session_gets_a_page_and_a_websocket_that_reach_the_device(lab: Lab, tmp_path: Path):
+    from secshadow.tests._web_helpers import websocket_handshake
+
+    argv = _control_argv(lab)
+    proxy = ManagedProcess("control-web", argv, tmp_path, env=child_environment(), stdin=subprocess.PIPE)
+    assert proxy.process.stdin is not None
+    proxy.process.stdin.write(b'{"op": "open", "session": "w", "device": "27", "web": true}\n')
+    proxy.process.stdin.write(b'{"op": "open", "session": "bad", "device": "27", "web": "yes"}\n')
+    proxy.process.stdin.flush()
+    error = proxy.wait_for("error")
+    assert error["session"] == "bad" and "'web' must be true or false" in error["message"]
+    listening = proxy.wait_for("listening")
+    assert listening["session"] == "w" and listening["url"].startswith(f"http://127.0.0.1:{listening['port']}/")
+    path = listening["websocket"].split(str(listening["port"]), 1)[1]
+    status, sock = websocket_handshake(listening["port"], path)
+    try:
+        assert status == 101
+        started = proxy.wait_for("session-started")
+        assert started["session"] == "w"
+    finally:
+        sock.close()
+    proxy.process.stdin.write(b'{"op": "shutdown"}\n')
+    proxy.process.stdin.flush()
+    assert proxy.process.wait(timeout=20) == 0
+    proxy.stop()
