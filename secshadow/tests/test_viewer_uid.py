@@ -57,9 +57,13 @@ def connect_as_nobody(family: int, address: Any, read_for: float = 3.0) -> dict[
             s.settimeout(5)
             try:
                 s.connect(address)
+            except ConnectionResetError:
+                # The proxy accepted and aborted the stream before connect() returned:
+                # refused as fast as it gets, with no byte (a reset, not a missing listener).
+                report["closed"] = True
             except OSError as e:
                 report["error"] = f"{type(e).__name__}: {e}"
-            else:
+            if not report["closed"] and report["error"] is None:
                 deadline = time.monotonic() + read_for
                 s.settimeout(0.2)
                 while time.monotonic() < deadline:
