@@ -66,7 +66,9 @@ async def test_real_pixels_through_the_gateway_and_the_agent(lab: Lab, gateway: 
     assert wait_until(lambda: session_events(gateway, "closed", sid))
     [paired] = session_events(gateway, "paired", sid)
     [closed] = session_events(gateway, "closed", sid)
-    assert closed["paired"] is True and closed["close_code"] == 1000 and closed["closed_by"] == "console"
+    # A clean end after pairing; which leg's close reaches the gateway first is a race (the
+    # console's WebSocket close, or the agent's after the device answered the TLS close_notify).
+    assert closed["paired"] is True and closed["close_code"] == 1000 and closed["closed_by"] in ("console", "device")
     assert closed["bytes_device_to_console"] > lab.xvnc.width * lab.xvnc.height  # a whole frame, encrypted
     assert closed["bytes_console_to_device"] > 48  # at least the ClientHello and PROCYCMD's record
     assert paired["wait_s"] >= 0
