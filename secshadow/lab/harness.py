@@ -121,7 +121,7 @@ def python_module(module: str) -> list[str]:
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Our environment plus the checkout on PYTHONPATH, so children import this secshadow."""
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])  # the checkout: secshadow/lab/harness.py
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.update(extra or {})
     return env

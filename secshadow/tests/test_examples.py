@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from secshadow.lab.harness import Lab, ManagedProcess, child_environment
-from secshadow.tests._screens import start_xvfb
+from secshadow.tests._screens import close_viewer, start_xvfb
 from secshadow.tests.conftest import require_program
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
@@ -51,12 +50,12 @@ def test_shadow_one_with_a_real_viewer(lab: Lab, tmp_path: Path):
     try:
         viewer = example.wait_for("viewer-started", timeout=30)
         example.wait_for("session-started", timeout=30)
-        os.kill(viewer["pid"], signal.SIGTERM)  # the user closes the viewer
+        close_viewer(viewer["pid"])  # the user closes the viewer
         try:
             status = example.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             alive = os.path.exists(f"/proc/{viewer['pid']}")
-            pytest.fail(f"the example did not end within 20 s of the viewer's SIGTERM (viewer still "
+            pytest.fail(f"the example did not end within 20 s of the viewer's end (viewer still "
                         f"running: {alive}):\n{example.log_tail()}")
         assert status == 0, example.log_tail()
         closed = example.wait_for("closed", timeout=5)

@@ -19,7 +19,7 @@ import pytest
 from secshadow.lab import certs
 from secshadow.lab.harness import Lab, ManagedProcess, child_environment, python_module
 from secshadow.snapshot import read_pixel
-from secshadow.tests._screens import share_of_colour, start_xvfb
+from secshadow.tests._screens import close_viewer, share_of_colour, start_xvfb
 from secshadow.tests.conftest import require_program
 
 pytestmark = pytest.mark.integration
@@ -249,7 +249,7 @@ def test_real_tigervnc_viewer_on_xvfb_shows_the_device_and_ends_the_session(lab:
                 break
             time.sleep(0.2)
         assert colour_share > 0.25, f"the viewer window does not show the device screen ({colour_share:.2%})"
-        os.kill(started["pid"], signal.SIGTERM)  # the user closes the viewer
+        close_viewer(started["pid"])  # the user closes the viewer
         assert proxy.process.wait(timeout=20) == 0
         proxy.stop()
         assert names(proxy.events)[-1] == "closed"

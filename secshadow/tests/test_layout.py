@@ -30,6 +30,18 @@ def test_product_entry_point_loads_no_lab_or_test_module(module: str) -> None:
 
 
 @pytest.mark.integration
+def test_children_of_the_tests_import_this_checkout(tmp_path: Path) -> None:
+    """The lab's programs and the CLIs the tests start run the code under test, also
+    when another secshadow is installed (a tox environment, a second worktree)."""
+    from secshadow.lab.harness import child_environment
+
+    out = subprocess.run([sys.executable, "-c", "import secshadow; print(secshadow.__file__)"],
+                         cwd=tmp_path, env=child_environment(), capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert Path(out.strip()).resolve() == ROOT / "secshadow" / "__init__.py"
+
+
+@pytest.mark.integration
 def test_wheel_ships_no_tests_and_ships_py_typed(tmp_path: Path) -> None:
     import zipfile
 

@@ -3,8 +3,8 @@ on a private Xvfb, against the lab (device emulator in front of a real Xvnc).
 
 Each test waits for ``session-started``, takes ``import -window root`` screenshots until
 the device's background colour covers a good share of the Xvfb screen (the lab's Xvnc is
-640x480 on a 1024x768 Xvfb, so at most ~39 %), then closes the viewer (SIGTERM to the pid
-from ``viewer-started``) and checks that the proxy ends the session with exit 0 and a
+640x480 on a 1024x768 Xvfb, so at most ~39 %), then closes the viewer (``close_viewer``: SIGTERM to the
+pid from ``viewer-started``) and checks that the proxy ends the session with exit 0 and a
 ``closed`` event and that the viewer was reaped. Then the other half of the lifecycle:
 a session that ends (signal, device gone, viewer timeout) terminates and reaps the viewer.
 
@@ -27,7 +27,7 @@ import pytest
 
 from secshadow.lab.harness import Lab, ManagedProcess, child_environment
 from secshadow.tests.conftest import require_program
-from secshadow.tests._screens import Xvfb, share_of_colour, start_xvfb
+from secshadow.tests._screens import Xvfb, close_viewer, share_of_colour, start_xvfb
 
 @pytest.fixture(autouse=True, scope="module")
 def _screen_programs() -> None:
@@ -127,7 +127,7 @@ def test_real_viewer_shows_the_device_and_its_exit_closes_the_session(
         share = _screenshot_until_device_visible(xvfb, lab, tmp_path / f"{viewer}-on-xvfb.png")
         assert share > MIN_SHARE, f"{viewer}: the screen does not show the device ({share:.1%} background colour)"
 
-        os.kill(started["pid"], signal.SIGTERM)  # the user closes the viewer
+        close_viewer(started["pid"])  # the user closes the viewer
         assert proxy.process.wait(timeout=15) == 0, proxy.log_tail()
     finally:
         proxy.stop()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 
 from secshadow.lab.harness import Lab, ManagedProcess, child_environment, python_module
-from secshadow.tests._screens import start_xvfb
+from secshadow.tests._screens import close_viewer, start_xvfb
 from secshadow.tests._viewonly import (
     FENCE,
     RAW,
@@ -205,7 +204,7 @@ def test_a_real_tigervnc_viewer_driven_by_xdotool(lab: Lab, tmp_path: Path, prob
         time.sleep(1.0)
         after = pointer_at(display)
         reached = new_input(probe, seen)
-        os.kill(started["pid"], signal.SIGTERM)  # the user closes the viewer
+        close_viewer(started["pid"])  # the user closes the viewer
         assert proxy.process.wait(timeout=20) == 0
     finally:
         proxy.stop()
