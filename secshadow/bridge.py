@@ -34,6 +34,7 @@ from secshadow.errors import DeviceRejected, PinMismatch, SecShadowError, Viewer
 from secshadow.observe import OneShot
 from secshadow.procy import Hello, HelloParser, NotRFB
 from secshadow.reactor import Clock
+from secshadow.fastrelay import FastSplice, can_relay_fast
 from secshadow.relay import Splice
 from secshadow.tunnel import DeviceLink
 
@@ -126,7 +127,7 @@ class Bridge:
         self._filter = view_only() if view_only is not None else None
         self._on_hello = on_hello
         self._hello: HelloParser | None = None
-        self.splice: Splice | None = None
+        self.splice: Splice | FastSplice | None = None
         self._timer: IDelayedCall | None = None
         self._end: BridgeEnd | None = None
         self._ended: OneShot[BridgeEnd] = OneShot()
@@ -212,12 +213,16 @@ class Bridge:
     def _start_relay(self, hello: Hello) -> None:
         self._disarm()
         filt = self._filter
-        self.splice = Splice(
-            self.link.transport, self.viewer.transport, self._clock,  # type: ignore[arg-type]
-            on_closed=self._relay_closed,
-            left_to_right=filt.from_server if filt is not None else None,
-            right_to_left=filt.from_client if filt is not None else None,
-        )
+        to_viewer = filt.from_server if filt is not None else None
+        to_device = filt.from_client if filt is not None else None
+        device, viewer = self.link.transport, self.viewer.transport
+        if can_relay_fast(device, viewer):  # both on real sockets: secshadow.fastrelay
+            self.splice = FastSplice(self._clock, device, viewer, self._clock,  # type: ignore[arg-type]
+                                     on_closed=self._relay_closed, on_refused=self._refused,
+                                     left_to_right=to_viewer, right_to_left=to_device)
+        else:
+            self.splice = Splice(device, viewer, self._clock,  # type: ignore[arg-type]
+                                 on_closed=self._relay_closed, left_to_right=to_viewer, right_to_left=to_device)
         self.splice.start()
         if self._on_hello is not None:
             self._on_hello(hello)
@@ -233,8 +238,11 @@ class Bridge:
         try:
             self.splice.deliver(side, data)
         except SecShadowError as e:  # the view-only filter refused the stream
-            log.warn("closing the session: {message}", message=e.message)
-            self._finish(BridgeEnd("view-only filter refused the stream", *self._counts(), error=e), abort=True)
+            self._refused(e)
+
+    def _refused(self, e: SecShadowError) -> None:
+        log.warn("closing the session: {message}", message=e.message)
+        self._finish(BridgeEnd("view-only filter refused the stream", *self._counts(), error=e), abort=True)
 
     def _relay_closed(self, side: str) -> None:
         self._finish(BridgeEnd("viewer disconnected" if side == "right" else "device closed the connection",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import hmac
+import socket
 from dataclasses import dataclass
 
 from OpenSSL import SSL, crypto
@@ -148,10 +149,20 @@ class PinnedConnectionCreator:
         return False
 
     def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
-        connection = SSL.Connection(shared_context(self.profile), None)
+        """A memory-BIO connection for Twisted's TLS protocol (``tlsProtocol``)."""
+        return self.connection_for(tlsProtocol, None)
+
+    def connection_for(self, app: object, sock: socket.socket | None) -> SSL.Connection:
+        """A client connection on the shared context with this pin as its verify callback.
+
+        ``app``: the object whose ``failVerification(Failure)`` the pin calls on a
+        mismatch. ``sock``: a connected socket to bind the connection to
+        (:mod:`secshadow.sockettls`), or ``None`` for memory BIOs.
+        """
+        connection = SSL.Connection(shared_context(self.profile), sock)
         # The pin is this connection's own; the shared context has none.
         connection.set_verify(SSL.VERIFY_PEER, self._verify)
-        connection.set_app_data(tlsProtocol)
+        connection.set_app_data(app)
         connection.set_connect_state()
         return connection
 

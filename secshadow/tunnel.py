@@ -33,6 +33,7 @@ from secshadow.errors import DeviceUnreachable, PinMismatch, SecShadowError, TLS
 from secshadow.observe import OneShot
 from secshadow.pinning import TLSProfile, check_peer, describe_handshake_failure, negotiated
 from secshadow.pinning import PinnedConnectionCreator
+from secshadow.sockettls import SocketHandover, has_real_sockets
 
 if TYPE_CHECKING:
     from secshadow.secret import ShadowSecret
@@ -255,7 +256,6 @@ def connect_pinned(
     """
     creator = PinnedConnectionCreator(pinned_der, profile)
     stream = (endpoint_factory or tcp_endpoint(reactor))(host, port, timeout)
-    endpoint = wrapClientTLS(creator, stream)
     links: list[DeviceLink] = []
     stage = ["tcp"]
 
@@ -264,7 +264,12 @@ def connect_pinned(
         links.append(link)
         return link
 
-    connecting = endpoint.connect(Factory.forProtocol(build))
+    connecting: Deferred[Any]
+    if endpoint_factory is None and has_real_sockets(reactor):
+        # TCP to the device: TLS on the socket itself (secshadow.sockettls), same pin.
+        connecting = stream.connect(Factory.forProtocol(lambda: SocketHandover(reactor, build, creator.connection_for)))
+    else:
+        connecting = wrapClientTLS(creator, stream).connect(Factory.forProtocol(build))
 
     def cancel(_: Deferred[DeviceLink]) -> None:
         connecting.cancel()
@@ -273,7 +278,7 @@ def connect_pinned(
 
     result: Deferred[DeviceLink] = Deferred(cancel)
 
-    def on_stream(link: DeviceLink) -> Deferred[DeviceLink]:
+    def on_stream(link: DeviceLink | SocketHandover) -> Deferred[DeviceLink]:
         stage[0] = "tls"
         assert link.ready is not None
         return link.ready
