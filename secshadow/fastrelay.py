@@ -35,7 +35,7 @@ from zope.interface import implementer
 from secshadow.errors import SecShadowError
 from secshadow.reactor import Clock
 from secshadow.relay import Transform
-from secshadow.sockettls import SocketTLS
+from secshadow.sockettls import SocketTLS, no_delay
 
 _AGAIN = (BlockingIOError, InterruptedError)
 
@@ -87,6 +87,7 @@ class FastSplice:
         """Take the viewer's socket from its transport and let both sides read."""
         self._viewer.stopReading()
         self._viewer.stopWriting()
+        no_delay(self._sock)
         self._owned = True
         self._device.receiver = self._from_device
         self._device.registerProducer(self, True)

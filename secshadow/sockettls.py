@@ -353,10 +353,21 @@ class SocketHandover(Protocol):
         transport.stopReading()
         transport.stopWriting()
         sock = transport.socket
+        no_delay(sock)
         self.protocol = self._make_protocol()
         self.ready = getattr(self.protocol, "ready", None)
         self.tls = SocketTLS(self._reactor, sock, self.protocol, transport.getPeer(), transport.getHost())
         self.tls.bind(self._connection_for(self.tls, sock))
+
+
+def no_delay(sock: socket.socket) -> None:
+    """``TCP_NODELAY`` on a TCP socket (as stunnel and Xvnc do): small RFB messages leave
+    at once instead of waiting for the previous segment's ACK."""
+    if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
 
 
 def has_real_sockets(reactor: Any) -> bool:

@@ -218,3 +218,17 @@ def test_view_only_still_refuses_input_on_the_fast_path(pem):
     finally:
         for port in ports:
             yield port.stopListening()
+
+
+def test_no_delay_sets_tcp_nodelay_on_tcp_sockets_and_leaves_others_alone():
+    import socket as _socket
+
+    from secshadow.sockettls import no_delay
+
+    with _socket.socket() as tcp:
+        assert tcp.getsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY) == 0
+        no_delay(tcp)
+        assert tcp.getsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY) != 0
+    a, b = _socket.socketpair()
+    with a, b:
+        no_delay(a)  # a unix socket has no Nagle: nothing to set, nothing raised
