@@ -22,8 +22,9 @@ Timeline::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
@@ -33,9 +34,10 @@ from twisted.python.failure import Failure
 from secshadow.errors import DeviceRejected, PinMismatch, SecShadowError, ViewerError
 from secshadow.observe import OneShot
 from secshadow.procy import Hello, HelloParser, NotRFB
-from secshadow.reactor import Clock
 from secshadow.fastrelay import FastSplice, can_relay_fast
+from secshadow.reactor import Clock
 from secshadow.relay import Splice
+from secshadow.sockettls import SocketTLS
 from secshadow.tunnel import DeviceLink
 
 log = Logger()
@@ -217,7 +219,8 @@ class Bridge:
         to_device = filt.from_client if filt is not None else None
         device, viewer = self.link.transport, self.viewer.transport
         if can_relay_fast(device, viewer):  # both on real sockets: secshadow.fastrelay
-            self.splice = FastSplice(self._clock, device, viewer, self._clock,  # type: ignore[arg-type]
+            tls, stream = cast(SocketTLS, device), cast(tcp.Connection, viewer)
+            self.splice = FastSplice(tls.reactor, tls, stream, self._clock,
                                      on_closed=self._relay_closed, on_refused=self._refused,
                                      left_to_right=to_viewer, right_to_left=to_device)
         else:

@@ -59,7 +59,8 @@ class SocketTLS:
     HIGH_WATER = 64 * 1024
 
     def __init__(self, reactor: Any, sock: socket.socket, protocol: Any, peer: Any = None, host: Any = None) -> None:
-        self._reactor = reactor
+        #: The reactor this connection's descriptor is registered with (a relay joins it).
+        self.reactor = reactor
         self.socket = sock
         self._fd = sock.fileno()
         self.protocol = protocol
@@ -313,10 +314,10 @@ class SocketTLS:
             read = write = False
         if read != self._reading:
             self._reading = read
-            (self._reactor.addReader if read else self._reactor.removeReader)(self)
+            (self.reactor.addReader if read else self.reactor.removeReader)(self)
         if write != self._writing:
             self._writing = write
-            (self._reactor.addWriter if write else self._reactor.removeWriter)(self)
+            (self.reactor.addWriter if write else self.reactor.removeWriter)(self)
 
     def getHandle(self) -> SSL.Connection | None:
         return self._conn
