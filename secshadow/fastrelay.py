@@ -6,7 +6,9 @@ its Twisted transport for the time of the relay (the transport stops reading and
 writing it; this object is the reactor's descriptor for that fd) and moves bytes itself:
 
 - device → viewer: each decrypted record goes to the viewer's socket with one
-  ``send``; what the socket does not take is kept (at most one record), the device is
+  ``send``, from the buffer it was decrypted into (``SocketTLS.view_receiver``; a copy
+  only when the view-only filter must see it, or for what the socket does not take);
+  what the socket does not take is kept (at most one record), the device is
   paused and the rest goes out when the viewer's socket is writable, then the device
   is resumed. The view-only filter's ``from_server`` sees every record (after ServerInit
   it returns its input unchanged).
@@ -89,7 +91,7 @@ class FastSplice:
         self._viewer.stopWriting()
         no_delay(self._sock)
         self._owned = True
-        self._device.receiver = self._from_device
+        self._device.view_receiver = self._from_device
         self._device.registerProducer(self, True)
         self._interest()
         self._device.resumeProducing()
@@ -122,26 +124,28 @@ class FastSplice:
         self._release()
 
     # ------------------------------------------------------------ device → viewer
-    def _from_device(self, data: bytes) -> None:
+    def _from_device(self, record: Any) -> None:
         if self._owned:
-            self._send_to_viewer(data, raise_refusal=False)
+            self._send_to_viewer(record, raise_refusal=False)
 
-    def _send_to_viewer(self, data: bytes, raise_refusal: bool) -> None:
+    def _send_to_viewer(self, data: Any, raise_refusal: bool) -> None:
+        """``data``: bytes, or a record's buffer valid during this call only; what is kept
+        is copied (``data[:]`` is a copy of a buffer and the same object for bytes)."""
         if self._to_viewer is not None:
-            data = self._transform(self._to_viewer, data, raise_refusal)
+            data = self._transform(self._to_viewer, data[:], raise_refusal)
             if self.closed_by is not None:
                 return
         self.bytes_left_to_right += len(data)
         self.last_activity = self._clock.seconds()
         if self._pending:
-            self._pending += data
+            self._pending += data[:]
             return
         try:
             sent = self._sock.send(data)
         except _AGAIN:
             sent = 0
         except OSError:
-            self._pending = data
+            self._pending = data[:]
             self._viewer_gone()
             return
         if sent < len(data):
@@ -223,7 +227,7 @@ class FastSplice:
         self._owned = False
         self._interest()
         self._device.unregisterProducer()
-        self._device.receiver = self._device.protocol.dataReceived
+        self._device.view_receiver = None
         pending, self._pending = self._pending, b""
         if pending:
             self._viewer.write(pending)

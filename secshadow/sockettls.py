@@ -17,8 +17,9 @@ To the protocol (a ``DeviceLink``) it is the transport Twisted's TLS is: ``write
 ``loseConnection`` (``close_notify``, then the peer's end), ``abortConnection``,
 ``getHandle``, ``getPeer``/``getHost``, push producer (pause/resume reading) and
 consumer (a registered producer is paused while more than :attr:`SocketTLS.HIGH_WATER`
-plaintext bytes wait). :mod:`secshadow.fastrelay` replaces :attr:`SocketTLS.receiver`
-to send each record straight to a viewer's socket.
+plaintext bytes wait). :mod:`secshadow.fastrelay` sets :attr:`SocketTLS.view_receiver`
+to send each record straight to a viewer's socket from the buffer OpenSSL decrypted it
+into (:func:`record_reader`: no allocation and no copy per record).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ from collections import deque
 from typing import Any, Callable
 
 from OpenSSL import SSL
+
+try:  # pyOpenSSL's cffi binding: record_reader reads records without a copy through it
+    from OpenSSL._util import ffi as _ffi, lib as _lib
+except ImportError:  # pragma: no cover - another pyOpenSSL: record_reader falls back to recv
+    _ffi = _lib = None
 from twisted.internet import error as ierror
 from twisted.internet.interfaces import IConsumer, IHandshakeListener, IPushProducer, IReadWriteDescriptor
 from twisted.internet.posixbase import PosixReactorBase
@@ -66,9 +72,13 @@ class SocketTLS:
         self.protocol = protocol
         self._peer, self._host = peer, host
         self._conn: SSL.Connection | None = None
+        self._read_record: Callable[[], Any] = lambda: b""
         self.state = HANDSHAKE
         #: Called with each decrypted record (bytes); the protocol's ``dataReceived`` by default.
         self.receiver: Callable[[bytes], None] = protocol.dataReceived
+        #: If set, called instead of :attr:`receiver` with each record as a buffer that is
+        #: only valid during the call (reused for the next record): no copy per record.
+        self.view_receiver: Callable[[Any], None] | None = None
         self._out: deque[bytes] = deque()
         self.out_size = 0
         self._paused = False
@@ -85,6 +95,7 @@ class SocketTLS:
     def bind(self, connection: SSL.Connection) -> None:
         """Take ``connection`` (bound to this socket), tell the protocol, start the handshake."""
         self._conn = connection
+        self._read_record = record_reader(connection)
         self.protocol.makeConnection(self)
         self._handshake()
 
@@ -151,11 +162,12 @@ class SocketTLS:
     def _read_records(self) -> None:
         conn = self._conn
         assert conn is not None
+        read = self._read_record
         for _ in range(self.READ_RECORDS):
             if self._paused or self.state != OPEN:
                 break
             try:
-                data = conn.recv(65536)
+                record = read()
             except SSL.WantReadError:
                 break
             except SSL.WantWriteError:
@@ -168,7 +180,10 @@ class SocketTLS:
             except SSL.Error as e:
                 self._close(Failure(ierror.ConnectionLost(str(e))))
                 return
-            self.receiver(data)
+            if self.view_receiver is not None:
+                self.view_receiver(record)
+            else:
+                self.receiver(record[:])
         self._interest()
 
     def _drain_until_end(self) -> None:
@@ -298,6 +313,7 @@ class SocketTLS:
         self.socket.close()
         self._producer = None
         self.receiver = self.protocol.dataReceived
+        self.view_receiver = None
         self.protocol.connectionLost(reason)
 
     # ------------------------------------------------------------ helpers
@@ -327,6 +343,49 @@ class SocketTLS:
 
     def getHost(self) -> Any:
         return self._host
+
+
+#: The most plaintext one TLS record carries (RFC 8446 section 5.1: 2^14 bytes).
+MAX_RECORD_PLAINTEXT = 16384
+_read_buffer: Any = None
+
+
+def reads_without_copy(conn: Any) -> bool:
+    """Whether :func:`record_reader` can read ``conn`` through pyOpenSSL's cffi binding
+    (``OpenSSL._util``, ``Connection._ssl``, ``Connection._raise_ssl_error``); False for
+    a pyOpenSSL without them, or a stand-in."""
+    return _lib is not None and isinstance(conn, SSL.Connection) and hasattr(conn, "_ssl") \
+        and hasattr(conn, "_raise_ssl_error")
+
+
+def record_reader(conn: Any) -> Callable[[], Any]:
+    """``read()`` for ``conn``: one ``SSL_read`` into one buffer shared by the process (the
+    reactor's thread reads one record at a time), returned as a cffi buffer holding the
+    record's plaintext (``len``, slicing gives ``bytes``, ``socket.send`` takes it),
+    valid until the next read. Errors are raised as ``SSL.Connection.recv`` raises them
+    (``WantReadError``, ``ZeroReturnError``, ``SysCallError``, ...), by the same mapping.
+
+    Why: pyOpenSSL's ``recv`` allocates a buffer and copies the record into a new
+    ``bytes`` on every call; the relay sends the record on at once, so neither is needed
+    (about a fifth of the proxy's CPU per GB, ``docs/performance.md``). The buffer holds a
+    whole record, so OpenSSL never keeps part of one that epoll would not report. Without
+    the binding (:func:`reads_without_copy`), ``conn.recv``: same results, one copy more.
+    """
+    global _read_buffer
+    if not reads_without_copy(conn):
+        return lambda: conn.recv(MAX_RECORD_PLAINTEXT)
+    if _read_buffer is None:
+        _read_buffer = _ffi.new("char[]", MAX_RECORD_PLAINTEXT)
+    buf, ssl, ssl_read, as_buffer, raise_error = (_read_buffer, conn._ssl, _lib.SSL_read, _ffi.buffer,
+                                                  conn._raise_ssl_error)
+
+    def read() -> Any:
+        count = ssl_read(ssl, buf, MAX_RECORD_PLAINTEXT)
+        if count <= 0:
+            raise_error(ssl, count)  # raises: WantReadError, ZeroReturnError, ...
+        return as_buffer(buf, count)
+
+    return read
 
 
 class SocketHandover(Protocol):

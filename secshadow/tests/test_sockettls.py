@@ -25,7 +25,7 @@ from zope.interface import implementer
 from secshadow.errors import PinMismatch
 from secshadow.rfbfilter import RFBFilterError
 from secshadow.fastrelay import FastSplice, can_relay_fast
-from secshadow.sockettls import SocketTLS
+from secshadow.sockettls import MAX_RECORD_PLAINTEXT, SocketTLS, reads_without_copy, record_reader
 
 
 _DONE = Failure(ierror.ConnectionDone())
@@ -351,3 +351,81 @@ def test_stop_gives_the_unsent_rest_to_the_viewer_transport():
     assert bytes(run.vsock.sent) == b"z" * 100
     run.splice.deliver("left", b"after")  # a stopped relay forwards nothing
     assert bytes(run.vsock.sent) == b"z" * 100
+
+
+# ---------------------------------------------------------------- record_reader, real TLS
+def _memory_pair() -> tuple[SSL.Connection, SSL.Connection]:
+    """A pinned client and a device-like server, both on memory BIOs, handshake done."""
+    from secshadow.lab.certs import der_of
+    from secshadow.pinning import PinnedConnectionCreator, TLSProfile
+    from secshadow.tests._tls import ServerCreator, device_cert
+
+    cert, key = device_cert()
+    server = ServerCreator(cert, key).serverConnectionForTLS(None)
+    server.set_accept_state()
+    app = Recorder()
+    client = PinnedConnectionCreator(der_of(cert), TLSProfile.MODERN).connection_for(app, None)
+    for _ in range(20):
+        for a, b in ((client, server), (server, client)):
+            try:
+                a.do_handshake()
+            except SSL.WantReadError:
+                pass
+            _move(a, b)
+        if client.get_state_string() == b"SSL negotiation finished successfully" and \
+                server.get_state_string() == b"SSL negotiation finished successfully":
+            return client, server
+    raise AssertionError("the in-memory handshake did not finish")
+
+
+def _move(source: SSL.Connection, target: SSL.Connection) -> None:
+    while True:
+        try:
+            target.bio_write(source.bio_read(65536))
+        except SSL.WantReadError:
+            return
+
+
+def test_the_installed_pyopenssl_lets_records_be_read_without_a_copy():
+    # If a pyOpenSSL update removes the binding, the relay still works (recv) but is
+    # slower: this makes that visible instead of silent.
+    client, _ = _memory_pair()
+    assert reads_without_copy(client)
+    assert not reads_without_copy(FakeTLS())
+
+
+def test_record_reader_gives_each_record_whole_then_want_read_then_the_clean_end():
+    client, server = _memory_pair()
+    read = record_reader(client)
+    full, small = bytes(range(256)) * 64, b"RFB 003.008\n"  # one 16 KiB record, one small
+    server.send(full)
+    server.send(small)
+    _move(server, client)
+    first = read()
+    assert len(first) == MAX_RECORD_PLAINTEXT and first[:] == full
+    assert read()[:] == small
+    with pytest.raises(SSL.WantReadError):
+        read()
+    server.shutdown()
+    _move(server, client)
+    with pytest.raises(SSL.ZeroReturnError):
+        read()
+
+
+def test_a_record_buffer_is_valid_until_the_next_read_only():
+    # The contract the relay relies on: it sends or copies a record during the call.
+    client, server = _memory_pair()
+    read = record_reader(client)
+    server.send(b"a" * 100)
+    server.send(b"b" * 100)
+    _move(server, client)
+    first = read()
+    kept = first[:]
+    read()
+    assert kept == b"a" * 100 and first[:] == b"b" * 100  # the buffer was reused
+
+
+def test_without_the_binding_the_reader_is_recv():
+    fake = FakeTLS()
+    fake.records.append(b"record")
+    assert record_reader(fake)() == b"record"
