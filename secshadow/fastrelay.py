@@ -36,7 +36,7 @@ from zope.interface import implementer
 
 from secshadow.errors import SecShadowError
 from secshadow.reactor import Clock
-from secshadow.relay import Transform
+from secshadow.relay import RelayEnd, Transform
 from secshadow.sockettls import SocketTLS, no_delay
 
 _AGAIN = (BlockingIOError, InterruptedError)
@@ -50,7 +50,7 @@ def can_relay_fast(device: Any, viewer: Any) -> bool:
 
 
 @implementer(IReadWriteDescriptor, IPushProducer)
-class FastSplice:
+class FastSplice(RelayEnd):
     """Relays between ``device`` (``left``) and ``viewer`` (``right``) on their sockets.
 
     ``reactor``: the reactor both run on. ``clock``: for :attr:`last_activity` (seconds).
@@ -106,22 +106,8 @@ class FastSplice:
         else:
             self._send_to_device(data, raise_refusal=True)
 
-    def lost(self, side: str) -> None:
-        """``side`` lost its connection: close the other side (once)."""
-        if self.closed_by is not None:
-            return
-        self.stop(side)
-        (self._viewer if side == "left" else self._device).loseConnection()
-        if self._on_closed is not None:
-            self._on_closed(side)
-
-    def stop(self, by: str = "stopped") -> None:
-        """Stop relaying and give the viewer's socket back (with the unsent rest); the
-        owner closes the transports."""
-        if self.closed_by is not None:
-            return
-        self.closed_by = by
-        self._release()
+    def _side(self, side: str) -> Any:
+        return self._device if side == "left" else self._viewer
 
     # ------------------------------------------------------------ device → viewer
     def _from_device(self, record: Any) -> None:

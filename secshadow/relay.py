@@ -13,7 +13,7 @@ splice once the stream is plain RFB.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.internet.interfaces import IPushProducer, ITransport
 
@@ -38,7 +38,45 @@ def push_producer_of(transport: ITransport) -> IPushProducer:
     raise TypeError(f"{transport!r} is not a push producer and wraps none")
 
 
-class Splice:
+class RelayEnd:
+    """How a relay ends, the same for :class:`Splice` and
+    :class:`secshadow.fastrelay.FastSplice`.
+
+    :meth:`lost` (a side lost its connection) closes the other side once and reports the
+    side to ``on_closed``; :meth:`stop` marks the relay ended (:attr:`closed_by`: the side
+    that closed first, or the reason given) and lets the relay release what it holds
+    (``_release``); the owner closes the transports.
+    """
+
+    closed_by: str | None = None
+    _on_closed: Callable[[str], None] | None = None
+
+    def _side(self, side: str) -> Any:
+        """The transport of ``side`` (``"left"``: the device, ``"right"``: the viewer)."""
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Give back what the relay holds (producers, descriptors); called once."""
+
+    def lost(self, side: str) -> None:
+        """``side`` lost its connection: close the other side (once)."""
+        if self.closed_by is not None:
+            return
+        self.stop(side)
+        self._side("right" if side == "left" else "left").loseConnection()
+        if self._on_closed is not None:
+            self._on_closed(side)
+
+    def stop(self, by: str = "stopped") -> None:
+        """Stop relaying (further bytes are dropped) and release; the owner closes the
+        transports."""
+        if self.closed_by is not None:
+            return
+        self.closed_by = by
+        self._release()
+
+
+class Splice(RelayEnd):
     """Relays bytes between ``left`` and ``right``, counting them.
 
     ``left`` / ``right``: connected transports that are also push producers (TCP and
@@ -98,22 +136,11 @@ class Splice:
             self._transports["left"].write(data)
         self.last_activity = self._clock.seconds()
 
-    def lost(self, side: str) -> None:
-        """``side`` lost its connection: close the other side (once)."""
-        if self.closed_by is not None:
-            return
-        self.stop(side)
-        other = self._transports["right" if side == "left" else "left"]
-        other.loseConnection()
-        if self._on_closed is not None:
-            self._on_closed(side)
+    def _side(self, side: str) -> ITransport:
+        return self._transports[side]
 
-    def stop(self, by: str = "stopped") -> None:
-        """Stop relaying (further bytes are dropped) and unregister the producers; the
-        owner closes the transports."""
-        if self.closed_by is not None:
-            return
-        self.closed_by = by
+    def _release(self) -> None:
+        """Unregister the cross-registered producers."""
         if self._started:
             for transport in self._transports.values():
                 try:
