@@ -37,7 +37,7 @@ from zope.interface import implementer
 from secshadow.errors import SecShadowError
 from secshadow.reactor import Clock
 from secshadow.relay import RelayEnd, Transform
-from secshadow.sockettls import SocketTLS, no_delay
+from secshadow.sockettls import Interest, SocketTLS, no_delay
 
 _AGAIN = (BlockingIOError, InterruptedError)
 
@@ -65,7 +65,7 @@ class FastSplice(RelayEnd):
                  on_closed: Callable[[str], None] | None = None,
                  on_refused: Callable[[SecShadowError], None] | None = None,
                  left_to_right: Transform | None = None, right_to_left: Transform | None = None) -> None:
-        self._reactor = reactor
+        self._events = Interest(reactor, self)
         self._device = device
         self._viewer = viewer
         self._sock: socket.socket = viewer.socket
@@ -76,7 +76,6 @@ class FastSplice(RelayEnd):
         self._to_viewer = left_to_right
         self._to_device = right_to_left
         self._pending = b""  # device bytes the viewer's socket has not taken yet
-        self._reading = self._writing = False
         self._viewer_paused = False
         self._owned = False
         self.bytes_left_to_right = 0
@@ -219,14 +218,7 @@ class FastSplice(RelayEnd):
             self._viewer.write(pending)
 
     def _interest(self) -> None:
-        read = self._owned and not self._viewer_paused
-        write = self._owned and bool(self._pending)
-        if read != self._reading:
-            self._reading = read
-            (self._reactor.addReader if read else self._reactor.removeReader)(self)
-        if write != self._writing:
-            self._writing = write
-            (self._reactor.addWriter if write else self._reactor.removeWriter)(self)
+        self._events.want(self._owned and not self._viewer_paused, self._owned and bool(self._pending))
 
     def fileno(self) -> int:
         return self._fd

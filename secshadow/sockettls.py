@@ -89,7 +89,7 @@ class SocketTLS:
         self._verify_failure: Failure | None = None
         self._producer: Any = None
         self._producer_paused = False
-        self._reading = self._writing = False
+        self._events = Interest(reactor, self)
         self.connected = True
 
     def bind(self, connection: SSL.Connection) -> None:
@@ -328,12 +328,7 @@ class SocketTLS:
             read, write = self._notify_sent, not self._notify_sent
         else:
             read = write = False
-        if read != self._reading:
-            self._reading = read
-            (self.reactor.addReader if read else self.reactor.removeReader)(self)
-        if write != self._writing:
-            self._writing = write
-            (self.reactor.addWriter if write else self.reactor.removeWriter)(self)
+        self._events.want(read, write)
 
     def getHandle(self) -> SSL.Connection | None:
         return self._conn
@@ -343,6 +338,26 @@ class SocketTLS:
 
     def getHost(self) -> Any:
         return self._host
+
+
+class Interest:
+    """The events a descriptor is registered for with its reactor (``IReactorFDSet``).
+
+    :meth:`want` registers for exactly the given ones, calling the reactor only for what
+    changed (``addReader``/``removeReader``, ``addWriter``/``removeWriter``).
+    """
+
+    def __init__(self, reactor: Any, descriptor: Any) -> None:
+        self._reactor, self._descriptor = reactor, descriptor
+        self.reading = self.writing = False
+
+    def want(self, read: bool, write: bool) -> None:
+        if read != self.reading:
+            self.reading = read
+            (self._reactor.addReader if read else self._reactor.removeReader)(self._descriptor)
+        if write != self.writing:
+            self.writing = write
+            (self._reactor.addWriter if write else self._reactor.removeWriter)(self._descriptor)
 
 
 #: The most plaintext one TLS record carries (RFC 8446 section 5.1: 2^14 bytes).
