@@ -24,7 +24,7 @@ from twisted.internet import defer, error as ierror
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -33,6 +33,7 @@ from secshadow.errors import DeviceUnreachable, PinMismatch, SecShadowError, TLS
 from secshadow.observe import OneShot
 from secshadow.pinning import TLSProfile, check_peer, describe_handshake_failure, negotiated
 from secshadow.pinning import PinnedConnectionCreator
+from secshadow.reactor import quiet_factory
 from secshadow.sockettls import SocketHandover, has_real_sockets
 
 if TYPE_CHECKING:
@@ -267,9 +268,9 @@ def connect_pinned(
     connecting: Deferred[Any]
     if endpoint_factory is None and has_real_sockets(reactor):
         # TCP to the device: TLS on the socket itself (secshadow.sockettls), same pin.
-        connecting = stream.connect(Factory.forProtocol(lambda: SocketHandover(reactor, build, creator.connection_for)))
+        connecting = stream.connect(quiet_factory(lambda: SocketHandover(reactor, build, creator.connection_for)))
     else:
-        connecting = wrapClientTLS(creator, stream).connect(Factory.forProtocol(build))
+        connecting = wrapClientTLS(creator, stream).connect(quiet_factory(build))
 
     def cancel(_: Deferred[DeviceLink]) -> None:
         connecting.cancel()

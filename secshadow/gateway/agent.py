@@ -28,12 +28,13 @@ from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from secshadow.errors import DeviceUnreachable
 from secshadow.events import Event
+from secshadow.reactor import quiet_factory
 from secshadow.relay import Splice
 
 log = Logger(namespace="secshadow.gateway")
@@ -162,7 +163,7 @@ class _Run:
         self._target_failed: Failure | None = None
 
     def start(self) -> Deferred[AgentResult]:
-        dialing = self.endpoint.connect(Factory.forProtocol(lambda: _GatewaySide(self)))
+        dialing = self.endpoint.connect(quiet_factory(lambda: _GatewaySide(self)))
         self._dialing = dialing
         dialing.addErrback(self._dial_failed)
         return self.result

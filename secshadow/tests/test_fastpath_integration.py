@@ -232,3 +232,39 @@ def test_no_delay_sets_tcp_nodelay_on_tcp_sockets_and_leaves_others_alone():
     a, b = _socket.socketpair()
     with a, b:
         no_delay(a)  # a unix socket has no Nagle: nothing to set, nothing raised
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_finished_link_is_not_kept_alive_by_the_log(pem):
+    # A noisy connect factory logged "Starting factory" with the factory in the event,
+    # and Twisted keeps the last 64 Ki events until logging begins: every finished
+    # session stayed in memory in a library user that never began logging.
+    import gc
+    import weakref
+
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        devices = Factory.forProtocol(Device)
+        devices.noisy = False  # only the proxy's own factories are looked for
+        server = TLSMemoryBIOFactory(ServerCreator(*pem), False, devices)
+        device_port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server)
+        link = yield connect_pinned(reactor, "127.0.0.1", device_port.getHost().port, certs.der_of(pem[0]),
+                                    timeout=10)
+        assert isinstance(link.transport, SocketTLS)
+        gone = weakref.ref(link)
+        tls = link.transport
+        tls.loseConnection()
+        yield _until(lambda t=tls: t.state == "closed")
+        yield device_port.stopListening()
+        del link, tls
+        yield _sleep(0.05)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    factories = [e for e in events if "factory" in e]
+    assert factories == [], [e.get("log_format") for e in factories]
+    events.clear()
+    gc.collect()
+    assert gone() is None
