@@ -485,17 +485,40 @@ def rotated(items: list[str], by: int) -> list[str]:
     return items[by:] + items[:by]
 
 
-def measure_bulk(setup: Setup, path: str, size: int, results: Results, buffer: bytearray) -> None:
+@dataclass
+class PathViewer:
+    """A viewer connected through one path; ``pid``: the proxy or stunnel process (0 for
+    direct); ``session``: the fresh CLI behind it (secshadow only)."""
+
+    sock: socket.socket
+    pid: int
+    session: CliSession | None
+
+
+def open_path(setup: Setup, path: str, name: str, results: Results) -> PathViewer:
+    """Connect a viewer through ``path``: a fresh CLI for secshadow (its start and first
+    connect are recorded), stunnel without resumption, or direct to the backend."""
     if path == "secshadow":
-        session = start_cli(setup, "bulk")
+        session = start_cli(setup, name)
         sock, hello = open_viewer(session.port, send_command=False)
         results.add("cli_start", path, session.start_to_listening)
         results.add("fresh_connect", path, hello)
-        pid = session.child.pid
+        return PathViewer(sock, session.child.pid, session)
+    port = setup.stunnel_ports["noresume"] if path == "stunnel" else setup.backend_ports["procy"]
+    sock, _ = open_viewer(port, send_command=True)
+    return PathViewer(sock, setup.stunnel.pid if path == "stunnel" else 0, None)
+
+
+def close_path(viewer: PathViewer) -> None:
+    if viewer.session is not None:
+        end_cli(viewer.session, viewer.sock)
     else:
-        port = setup.stunnel_ports["noresume"] if path == "stunnel" else setup.backend_ports["procy"]
-        sock, hello = open_viewer(port, send_command=True)
-        pid = setup.stunnel.pid if path == "stunnel" else 0
+        viewer.sock.close()
+
+
+def measure_bulk(setup: Setup, path: str, size: int, results: Results, buffer: bytearray) -> None:
+    viewer = open_path(setup, path, "bulk", results)
+    sock, pid = viewer.sock, viewer.pid
     cpu_before = cpu_seconds(pid) if pid else 0.0
     device_before = cpu_seconds(setup.device_pid)
     request(sock, b"S", size)
@@ -507,49 +530,25 @@ def measure_bulk(setup: Setup, path: str, size: int, results: Results, buffer: b
         results.add("cpu_s_per_gb", path, cpu / (size / 1e9))
     if path != "direct":
         results.add("device_cpu_s_per_gb", path, device_cpu / (size / 1e9))
-    if path == "secshadow":
-        end_cli(session, sock)
-    else:
-        sock.close()
+    close_path(viewer)
 
 
 def measure_rtt(setup: Setup, path: str, rounds: int, results: Results) -> None:
-    if path == "secshadow":
-        session = start_cli(setup, "rtt")
-        sock, hello = open_viewer(session.port, send_command=False)
-        results.add("cli_start", path, session.start_to_listening)
-        results.add("fresh_connect", path, hello)
-    else:
-        port = setup.stunnel_ports["noresume"] if path == "stunnel" else setup.backend_ports["procy"]
-        sock, _ = open_viewer(port, send_command=True)
-    times = ping_pong(sock, rounds)
+    viewer = open_path(setup, path, "rtt", results)
+    times = ping_pong(viewer.sock, rounds)
     results.add("rtt_p50_us", path, statistics.median(times) * 1e6)
     results.raw.setdefault("rtt_p99_us", {}).setdefault(path, []).append(
         sorted(times)[int(len(times) * 0.99) - 1] * 1e6)
-    if path == "secshadow":
-        end_cli(session, sock)
-    else:
-        sock.close()
+    close_path(viewer)
 
 
 def measure_stall(setup: Setup, path: str, seconds: float, results: Results, buffer: bytearray) -> None:
-    if path == "secshadow":
-        session = start_cli(setup, "stall")
-        sock, hello = open_viewer(session.port, send_command=False)
-        results.add("cli_start", path, session.start_to_listening)
-        results.add("fresh_connect", path, hello)
-        pid = session.child.pid
-    else:
-        sock, _ = open_viewer(setup.stunnel_ports["noresume"], send_command=True)
-        pid = setup.stunnel.pid
-    figures = stall(sock, pid, 64 * MiB, seconds, buffer)
+    viewer = open_path(setup, path, "stall", results)
+    figures = stall(viewer.sock, viewer.pid, 64 * MiB, seconds, buffer)
     results.add("stall_growth_mib", path, figures["growth_kib"] / 1024)
     results.add("stall_since_hello_mib", path, figures["since_hello_kib"] / 1024)
     results.raw.setdefault("stall", {}).setdefault(path, []).append(figures)
-    if path == "secshadow":
-        end_cli(session, sock)
-    else:
-        sock.close()
+    close_path(viewer)
 
 
 def measure_connect(setup: Setup, sessions: Sessions, path: str, samples: int, results: Results) -> None:
@@ -660,6 +659,16 @@ def measure_concurrent(setup: Setup, count: int, results: Results) -> None:
 # -- checks ----------------------------------------------------------------------------
 
 
+def gets_hello(port: int) -> bool:
+    """Whether a viewer sending the command through ``port`` receives the RFB hello."""
+    try:
+        sock, _ = open_viewer(port, send_command=True)
+    except (RuntimeError, OSError):
+        return False
+    sock.close()
+    return True
+
+
 def negative_control(setup: Setup) -> dict[str, Any]:
     """The twin device must be refused by both pins, and must work without a pin."""
     found: dict[str, Any] = {}
@@ -670,24 +679,14 @@ def negative_control(setup: Setup) -> dict[str, Any]:
     found["secshadow_exit"] = status
     found["secshadow_code"] = errors[0].get("code") if errors else None
     found["secshadow_listened"] = bool(child.named("listening"))
-    try:
-        sock, _ = open_viewer(setup.stunnel_ports["twin"], send_command=True)
-        sock.close()
-        found["stunnel_refused"] = False
-    except (RuntimeError, OSError):
-        found["stunnel_refused"] = True
+    found["stunnel_refused"] = not gets_hello(setup.stunnel_ports["twin"])
     time.sleep(0.2)
     stats = setup.backend_stats()
     # A TLS front may open its backend connection before the handshake ends, so what counts
     # is a command that got through (stunnel device), or any connection the emulator made
     # (it connects to its VNC server only after an accepted PROCYCMD).
     found["commands_past_twin_with_pins"] = stats["commands"]["twin"] + stats["connections"]["twinvnc"]
-    try:
-        sock, _ = open_viewer(setup.stunnel_ports["unpinned"], send_command=True)
-        sock.close()
-        found["unpinned_through_twin"] = True
-    except (RuntimeError, OSError):
-        found["unpinned_through_twin"] = False
+    found["unpinned_through_twin"] = gets_hello(setup.stunnel_ports["unpinned"])
     found["ok"] = (status == 6 and found["secshadow_code"] == "pin-mismatch" and not found["secshadow_listened"]
                    and found["stunnel_refused"] and found["commands_past_twin_with_pins"] == 0
                    and found["unpinned_through_twin"])
@@ -802,30 +801,23 @@ def pyspy_inclusive(raw: Path) -> dict[str, float]:
     return {k.split(" (")[0]: round(100 * v / max(1, total), 1) for k, v in counts.items()}
 
 
+def _perf_rows(data: Path, sort: str) -> list[tuple[float, list[str]]]:
+    """(percent, the other columns) per row of ``perf report --sort SORT``, in its order."""
+    report = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", sort, "--stdio",  # noqa: S603,S607
+                             "-g", "none"], capture_output=True, text=True, timeout=120).stdout
+    return [(float(parts[0].rstrip("%")), parts[1:]) for line in report.splitlines()
+            if not line.startswith("#") and len(parts := line.split()) >= 2 and parts[0].endswith("%")]
+
+
 def perf_symbols(data: Path, top: int = 12) -> dict[str, float]:
     """The ``top`` symbols by self time (percent) from ``perf report --sort dso,sym``."""
-    report = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", "dso,sym", "--stdio",  # noqa: S603,S607
-                             "-g", "none"], capture_output=True, text=True, timeout=120).stdout
-    symbols: dict[str, float] = {}
-    for line in report.splitlines():
-        parts = line.split()
-        if len(parts) >= 4 and parts[0].endswith("%") and not line.startswith("#"):
-            symbols[f"{parts[3]} ({parts[1]})"] = float(parts[0].rstrip("%"))
-            if len(symbols) >= top:
-                break
-    return symbols
+    rows = [(share, cols) for share, cols in _perf_rows(data, "dso,sym") if len(cols) >= 3]
+    return {f"{cols[2]} ({cols[0]})": share for share, cols in rows[:top]}
 
 
 def perf_summary(data: Path) -> dict[str, float]:
     """Self-time shares (percent) per shared object from ``perf report --sort dso``."""
-    report = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", "dso", "--stdio",  # noqa: S603,S607
-                             "-g", "none"], capture_output=True, text=True, timeout=120).stdout
-    shares: dict[str, float] = {}
-    for line in report.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0].endswith("%") and not line.startswith("#"):
-            shares[" ".join(parts[1:])] = float(parts[0].rstrip("%"))
-    return shares
+    return {" ".join(cols): share for share, cols in _perf_rows(data, "dso")}
 
 
 def _profiled_stream(sock: socket.socket, pid: int, tools: list[list[str]], seconds: float,
